@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# torch is pinned to the CPU build here and installed in the same pip command as the project,
+# so pip never pulls a multi-GB CUDA build; pyproject keeps a loose range for GPU users.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-all bench info clean
+
+$(STAMP): pyproject.toml Makefile
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH) -e '.[dev,triton,xformers]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) tools/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadgroup
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m ''
+
+bench: $(STAMP)
+	$(PY) tools/bench.py
+
+info: $(STAMP)
+	$(PY) tools/info.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

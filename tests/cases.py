@@ -1,0 +1,114 @@
+"""Random input cases for every op, shared by the conformance suite (never zeros)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels.packing import seq_idx_from_cu_seqlens
+
+
+@dataclass
+class Case:
+    id: str
+    make: callable  # (dtype, device) -> (args tuple, kwargs dict); float tensors get gradients checked
+    tags: set = field(default_factory=set)
+
+
+def _r(*shape, dtype, device, scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+
+
+def _packed(lengths, device):
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=device)
+    return seq_idx_from_cu_seqlens(cu)
+
+
+# ---------------------------------------------------------------- attention
+def attention_case(B, Tq, S, H, Hkv, d, window=None, packed=None, tags=()):
+    def make(dtype, device):
+        g = torch.Generator().manual_seed(hash((B, Tq, S, H, Hkv, d, window)) % 2**31)
+        torch.manual_seed(g.initial_seed())
+        kw = {}
+        if window is not None:
+            kw["window"] = window
+        if packed is not None:
+            kw["seq_idx"] = _packed(packed, device).expand(B, S).contiguous()
+        return (_r(B, Tq, H, d, dtype=dtype, device=device), _r(B, S, Hkv, d, dtype=dtype, device=device),
+                _r(B, S, Hkv, d, dtype=dtype, device=device)), kw
+    name = f"B{B}-Tq{Tq}-S{S}-H{H}-Hkv{Hkv}-d{d}" + (f"-w{window}" if window else "") + ("-packed" if packed else "")
+    return Case(name, make, set(tags))
+
+
+ATTENTION_CASES = [
+    attention_case(2, 1, 1, 2, 2, 32, tags={"tiny"}),
+    attention_case(2, 7, 7, 4, 2, 32, tags={"tiny"}),
+    attention_case(1, 33, 33, 2, 1, 64),
+    attention_case(2, 17, 17, 2, 2, 100),
+    attention_case(2, 3, 12, 4, 4, 32, tags={"tiny"}),  # decoding: queries are the last 3 of 12 keys
+    attention_case(2, 19, 19, 2, 2, 32, window=5),
+    attention_case(1, 20, 20, 2, 1, 32, packed=[7, 1, 12], tags={"tiny", "packed"}),
+]
+
+
+# ---------------------------------------------------------------- feedback_solve
+def feedback_case(B, T, D, Dk=None, P=0, packed=None, gamma_max=0.999, tags=()):
+    Dk = Dk or D
+
+    def make(dtype, device):
+        torch.manual_seed(1000 * T + D + P)
+        sign = torch.where(torch.rand(B, T) < 0.5, -1.0, 1.0)
+        gamma = (sign * gamma_max * (1 - 0.05 * torch.rand(B, T))).to(dtype=dtype, device=device)
+        kw = {}
+        if P:
+            kw["past_k"] = _r(B, P, Dk, dtype=dtype, device=device)
+            kw["past_s"] = _r(B, P, D, dtype=dtype, device=device)
+        if packed is not None:
+            kw["seq_idx"] = _packed(packed, device).expand(B, P + T).contiguous()
+        return (_r(B, T, D, dtype=dtype, device=device), _r(B, T, Dk, dtype=dtype, device=device),
+                _r(B, T, Dk, dtype=dtype, device=device), gamma), kw
+    name = f"B{B}-T{T}-D{D}" + (f"-P{P}" if P else "") + ("-packed" if packed else "")
+    return Case(name, make, set(tags))
+
+
+FEEDBACK_CASES = [
+    feedback_case(2, 1, 16, tags={"tiny"}),
+    feedback_case(2, 2, 16, tags={"tiny"}),
+    feedback_case(2, 15, 32, tags={"tiny"}),
+    feedback_case(2, 16, 32),
+    feedback_case(1, 17, 32),
+    feedback_case(2, 65, 64),
+    feedback_case(2, 40, 100),
+    feedback_case(2, 3, 32, P=9, tags={"tiny"}),  # chunked prefill / decoding against a cache
+    feedback_case(1, 21, 32, packed=[6, 1, 14], tags={"tiny", "packed"}),
+]
+
+
+# ---------------------------------------------------------------- ssd
+def ssd_case(B, T, H, P, G, N, init=False, packed=None, chunk_size=16, tags=()):
+    def make(dtype, device):
+        torch.manual_seed(7 * T + H + N)
+        kw = dict(chunk_size=chunk_size)
+        if init:
+            kw["initial_state"] = _r(B, H, P, N, dtype=dtype, device=device)
+        if packed is not None:
+            kw["seq_idx"] = _packed(packed, device).expand(B, T).contiguous()
+        dt = torch.nn.functional.softplus(torch.randn(B, T, H) - 1).to(dtype=dtype, device=device)
+        A = (-torch.exp(torch.randn(H) * 0.5)).to(dtype=dtype, device=device)
+        return (_r(B, T, H, P, dtype=dtype, device=device), dt, A, _r(B, T, G, N, dtype=dtype, device=device),
+                _r(B, T, G, N, dtype=dtype, device=device)), kw
+    name = f"B{B}-T{T}-H{H}-P{P}-G{G}-N{N}-c{chunk_size}" + ("-init" if init else "") + ("-packed" if packed else "")
+    return Case(name, make, set(tags))
+
+
+SSD_CASES = [
+    ssd_case(2, 1, 2, 8, 1, 8, tags={"tiny"}),
+    ssd_case(2, 15, 4, 8, 2, 8, tags={"tiny"}),
+    ssd_case(1, 16, 2, 16, 1, 16, chunk_size=16),
+    ssd_case(2, 37, 4, 8, 2, 16, chunk_size=16),
+    ssd_case(2, 20, 2, 8, 1, 8, init=True, chunk_size=8, tags={"tiny"}),
+    ssd_case(1, 23, 2, 8, 1, 8, packed=[5, 1, 17], chunk_size=8, tags={"tiny", "packed"}),
+]
+
+CASES = {"attention": ATTENTION_CASES, "feedback_solve": FEEDBACK_CASES, "ssd": SSD_CASES}

@@ -1,0 +1,38 @@
+"""Shared fixtures: deterministic seeds, NaN-poisoned torch.empty, quiet logs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tensors in the interpreter
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def nan_poison(monkeypatch):
+    """Make torch.empty / empty_like / new_empty return NaN-filled floats, so any output element a
+    backend forgets to write shows up as NaN instead of silently reusing old memory."""
+
+    def poisoned(fn):
+        def wrapper(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            if out.is_floating_point():
+                out.fill_(float("nan"))
+            return out
+
+        return wrapper
+
+    monkeypatch.setattr(torch, "empty", poisoned(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(torch.empty_like))
+    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned(torch.Tensor.new_empty))
+    yield

@@ -1,0 +1,102 @@
+"""Every backend of every op against the `reference` backend: forward and gradients, per dtype.
+
+Unavailable backends and inputs a backend declines are skipped with the backend's own reason.
+Backends whose name contains "triton" run only the cases tagged "tiny" (the CPU interpreter is slow).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from tests.cases import CASES
+from tests.tolerances import tolerance
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+
+
+def _params():
+    for op_name, cases in CASES.items():
+        op = kernels.get_op(op_name)
+        for backend in op.backends:
+            if backend == "reference":
+                continue
+            for case in cases:
+                if "triton" in backend and "tiny" not in case.tags:
+                    continue
+                for dtype in DTYPES:
+                    yield pytest.param(op_name, backend, case, dtype,
+                                       id=f"{op_name}-{backend}-{case.id}-{str(dtype)[6:]}")
+
+
+def _outputs(result):
+    return result if isinstance(result, tuple) else (result,)
+
+
+def _float_inputs(args, kwargs):
+    tensors = [a for a in args if isinstance(a, torch.Tensor)] + [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+    return [t for t in tensors if t.is_floating_point()]
+
+
+def _close(name, got, want, tol):
+    assert got.shape == want.shape and got.dtype == want.dtype, f"{name}: {got.shape}/{got.dtype} vs {want.shape}/{want.dtype}"
+    assert not torch.isnan(got).any(), f"{name}: NaN in output (unwritten elements?)"
+    scale = want.abs().max().clamp_min(1.0).item()  # the solve amplifies: compare relative to the output's scale
+    torch.testing.assert_close(got.double() / scale, want.double() / scale, msg=lambda m: f"{name}: {m}", **tol)
+
+
+@pytest.mark.parametrize("op_name,backend,case,dtype", list(_params()))
+def test_backend_matches_reference(op_name, backend, case, dtype, nan_poison):
+    op = kernels.get_op(op_name)
+    args, kwargs = case.make(dtype, "cpu")
+    for t in _float_inputs(args, kwargs):
+        t.requires_grad_(True)
+    why = op.backends[backend].reason(*args, **kwargs)
+    if why is not None:
+        pytest.skip(f"{backend}: {why}")
+    ref_args = tuple(a.detach().clone().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    ref_kwargs = {k: v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
+
+    got = _outputs(op(*args, backend=backend, **kwargs))
+    want = _outputs(op(*ref_args, backend="reference", **ref_kwargs))
+    tol = tolerance(op_name, dtype)
+    for i, (g, w) in enumerate(zip(got, want)):
+        _close(f"output {i}", g, w.detach(), tol)
+
+    torch.manual_seed(123)
+    cotangents = [torch.randn_like(w, dtype=torch.float64).to(w.dtype) for w in want]
+    loss = sum((g * c).sum() for g, c in zip(got, cotangents))
+    ref_loss = sum((w * c).sum() for w, c in zip(want, cotangents))
+    inputs, ref_inputs = _float_inputs(args, kwargs), _float_inputs(ref_args, ref_kwargs)
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    ref_grads = torch.autograd.grad(ref_loss, ref_inputs, allow_unused=True)
+    for i, (g, w) in enumerate(zip(grads, ref_grads)):
+        if w is None:
+            continue
+        assert g is not None, f"grad of input {i}: backend returned none"
+        _close(f"grad of input {i}", g, w, tol)
+
+
+@pytest.mark.parametrize("op_name", list(CASES))
+def test_reference_gradcheck(op_name):
+    """float64 gradcheck of every reference backend on its tiny cases."""
+    op = kernels.get_op(op_name)
+    for case in CASES[op_name]:
+        if "tiny" not in case.tags:
+            continue
+        args, kwargs = case.make(torch.float64, "cpu")
+        floats = [(i, a) for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+        kfloats = [(k, v) for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+
+        def fn(*xs):
+            a = list(args)
+            for (i, _), x in zip(floats, xs[:len(floats)]):
+                a[i] = x
+            kw = dict(kwargs)
+            for (k, _), x in zip(kfloats, xs[len(floats):]):
+                kw[k] = x
+            return op(*a, backend="reference", **kw)
+
+        xs = [a.detach().requires_grad_(True) for _, a in floats] + [v.detach().requires_grad_(True) for _, v in kfloats]
+        assert torch.autograd.gradcheck(fn, xs, eps=1e-6, atol=1e-6), f"{op_name} {case.id}"

@@ -1,0 +1,24 @@
+"""Tolerances for comparing a backend with the `reference` backend, as data.
+
+Keyed by dtype; an op may override a dtype with OP_OVERRIDES[(op, dtype)]. Forward and gradients
+share a dtype's tolerance; gradients of half-precision inputs are compared after scaling by the
+largest reference magnitude (see tests/test_conformance.py).
+"""
+
+import torch
+
+TOLERANCES = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=2e-4, rtol=2e-4),
+    torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
+    torch.float16: dict(atol=5e-3, rtol=5e-3),
+}
+
+# The feedback solve amplifies by up to 1 / (1 - gamma_max): compare in relative-to-max terms.
+OP_OVERRIDES = {
+    ("feedback_solve", torch.float32): dict(atol=5e-4, rtol=5e-4),
+}
+
+
+def tolerance(op: str, dtype: torch.dtype) -> dict:
+    return OP_OVERRIDES.get((op, dtype), TOLERANCES[dtype])
