@@ -1,9 +1,16 @@
-"""Compute ops behind the mixers, one module per op, each with ranked backends (see dispatch)."""
+"""Compute ops behind the mixers: one package per op, one module per backend (see dispatch).
 
-from kernels.dispatch import OPS, AUTO, Backend, BackendError, Op, get_op, set_backend, use_backends
-from kernels.attention import attention
-from kernels.feedback_solve import feedback_solve
-from kernels.ssd import ssd
+    from kernels.attention import attention            # the op: call it like a function
+    from kernels.feedback_solve import feedback_solve
+    from kernels.ssd import ssd
 
-__all__ = ["OPS", "AUTO", "Backend", "BackendError", "Op", "get_op", "set_backend", "use_backends",
-           "attention", "feedback_solve", "ssd"]
+Importing `kernels` registers every built-in backend; backends whose dependencies are missing
+register anyway and report themselves unavailable with a reason.
+"""
+
+import kernels.attention
+import kernels.feedback_solve
+import kernels.ssd
+from kernels.dispatch import AUTO, OPS, Backend, BackendError, Op, get_op, set_backend, use_backends
+
+__all__ = ["OPS", "AUTO", "Backend", "BackendError", "Op", "get_op", "set_backend", "use_backends"]

@@ -13,13 +13,10 @@ Contract
 
 from __future__ import annotations
 
-import math
-
 import torch
-from einops import rearrange, repeat
 from torch import Tensor
 
-from kernels.dispatch import Op, Reason
+from kernels.dispatch import Op
 from kernels.packing import same_segment
 
 attention = Op("attention", __doc__)
@@ -55,19 +52,4 @@ def visible(Tq: int, S: int, device: torch.device, window: int | None = None, se
     return mask
 
 
-@attention.register("reference", priority=0)
-def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
-                        window: int | None = None, seq_idx: Tensor | None = None) -> Tensor:
-    check_inputs(q, k, v, seq_idx, window)
-    B, Tq, H, d = q.shape
-    S, Hkv = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    work = torch.promote_types(q.dtype, torch.float32)
-    qh = rearrange(q.to(work), "b t h d -> b h t d")
-    kh = repeat(k.to(work), "b s g d -> b (g r) s d", r=H // Hkv)
-    vh = repeat(v.to(work), "b s g d -> b (g r) s d", r=H // Hkv)
-    logits = torch.einsum("bhtd,bhsd->bhts", qh, kh) * scale
-    mask = visible(Tq, S, q.device, window, seq_idx)[:, None]
-    weights = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
-    out = torch.einsum("bhts,bhsd->bhtd", weights, vh)
-    return rearrange(out, "b h t d -> b t h d").to(q.dtype)
+from kernels.attention import reference  # noqa: E402,F401  (registers the backend)

@@ -1,0 +1,30 @@
+"""Benchmarks: `python tools/bench.py NAME [options]`; `python tools/bench.py --help` lists them.
+
+Each benchmark lives in zoo/bench/NAME.py and exposes `add_arguments(parser)` and `run(args)`;
+it prints tables of times and ratios measured in one run (ratios are what to compare: these
+machines are noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+
+import zoo.bench
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="name", required=True)
+    for info in sorted(pkgutil.iter_modules(zoo.bench.__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"zoo.bench.{info.name}")
+        p = sub.add_parser(info.name.replace("_", "-"), help=(module.__doc__ or "").strip().splitlines()[0])
+        module.add_arguments(p)
+        p.set_defaults(run=module.run)
+    args = parser.parse_args()
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
