@@ -11,6 +11,6 @@ register anyway and report themselves unavailable with a reason.
 import kernels.attention
 import kernels.feedback_solve
 import kernels.ssd
-from kernels.dispatch import AUTO, OPS, Backend, BackendError, Op, get_op, set_backend, use_backends
+from kernels.dispatch import AUTO, OPS, Backend, BackendError, Op, get_op, record_choices, set_backend, use_backends
 
-__all__ = ["OPS", "AUTO", "Backend", "BackendError", "Op", "get_op", "set_backend", "use_backends"]
+__all__ = ["OPS", "AUTO", "Backend", "BackendError", "Op", "get_op", "record_choices", "set_backend", "use_backends"]

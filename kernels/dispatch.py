@@ -147,6 +147,8 @@ class Op:
             chosen = next((b for b in self._ranked if b.reason(*args, **kwargs) is None), None)
             if chosen is None:
                 raise BackendError(self._report("no backend can run these inputs", args, kwargs))
+        for sink in getattr(_local, "recorders", ()):
+            sink.append((self.name, chosen.name))
         if (self.name, chosen.name) not in _logged:
             _logged.add((self.name, chosen.name))
             log.info("%s: using backend %r%s", self.name, chosen.name, " (pinned)" if pin else "")
@@ -188,6 +190,18 @@ def use_backends(**pins: str) -> Iterator[None]:
         yield
     finally:
         stack.pop()
+
+
+@contextlib.contextmanager
+def record_choices() -> Iterator[list[tuple[str, str]]]:
+    """Collect the (op, backend) pairs dispatch chooses inside a `with` block (for summaries)."""
+    sink: list[tuple[str, str]] = []
+    recorders = _local.__dict__.setdefault("recorders", [])
+    recorders.append(sink)
+    try:
+        yield sink
+    finally:
+        recorders.remove(sink)
 
 
 def module_probe(module: str, *, cuda: bool = False) -> Callable[[], Reason]:
