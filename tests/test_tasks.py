@@ -1,0 +1,408 @@
+"""Tasks: generators follow docs/tasks.md, splits are deterministic and disjoint, metrics are exact."""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from zoo.tasks import IGNORE_INDEX, MQAR, TASKS, DiffuseMQAR, SymbolSoup, TextLM, get_task
+from zoo.tasks.symbol_soup import LETTERS, MOTIFS, style_family
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_registry_names_and_errors():
+    assert set(TASKS) == {"symbol_soup", "diffuse_mqar", "mqar", "text_lm"}
+    assert isinstance(get_task("mqar", seq_len=64, num_pairs=4), MQAR)
+    with pytest.raises(KeyError, match="diffuse_mqar, mqar, symbol_soup, text_lm"):
+        get_task("nope")
+    with pytest.raises(ValueError, match="split must be one of"):
+        get_task("mqar").split("dev")
+
+
+# ----------------------------------------------------------------------------- SymbolSoup
+
+LETTER_RUN = r"[a-p](?: [a-p])*"
+LAYOUT = re.compile(
+    rf"<bos>\n({LETTER_RUN})\n<sep1>\n({LETTER_RUN})\n<sep2>\n({LETTER_RUN})\n<sep1>\n({LETTER_RUN})\n<sep2>\n({LETTER_RUN})\n<sep> <label>"
+)
+
+
+def parse(task: SymbolSoup, tokens: torch.Tensor) -> list[list[int]]:
+    """Letters of the five blocks: noise, stylized, noise, stylized, noise."""
+    match = LAYOUT.fullmatch(task.tokenizer.decode(tokens))
+    assert match is not None
+    return [[LETTERS.index(c) for c in block.split(" ")] for block in match.groups()]
+
+
+@pytest.mark.parametrize("bounds", [(400, 600), (2000, 2100)])
+def test_symbol_soup_length_and_layout(bounds):
+    lo, hi = bounds
+    task = SymbolSoup(min_tokens=lo, max_tokens=hi, num_train=60)
+    assert task.seq_len <= hi and task.vocab_size == 26 and task.num_classes == 20
+    ids = task.tokenizer.ids
+    for i in range(60):
+        ex = task.split("train")[i]
+        tokens, T = ex["tokens"], len(ex["tokens"])
+        blocks = parse(task, tokens)
+        M = sum(map(len, blocks))
+        assert T == 2 * M + 13 and lo <= T <= hi and T <= task.seq_len
+        assert tokens[0] == ids["<bos>"] and tokens[-3:].tolist() == [ids["<sep>"], ids[" "], ids["<label>"]]
+        # noise share N as specified
+        N = len(blocks[0]) + len(blocks[2]) + len(blocks[4])
+        n_lo = max(3, math.floor(0.3 * M))
+        assert min(n_lo, M - 2) <= N <= min(max(n_lo, math.floor(0.6 * M)), M - 2)
+        assert ex["position"] == T - 1 and ex["label"] == task.labels("train")[i]
+        assert ex["targets"][T - 1] == ex["label"] and (ex["targets"][:-1] == IGNORE_INDEX).all()
+
+
+def test_symbol_soup_balanced_classes():
+    task = SymbolSoup(num_validation=2000, num_test=30)
+    assert np.bincount(task.labels("validation"), minlength=20).tolist() == [100] * 20
+    counts = np.bincount(task.labels("test"), minlength=20)
+    assert counts.sum() == 30 and counts.max() - counts.min() <= 1
+
+
+def test_symbol_soup_deterministic_and_disjoint():
+    a, b, c = SymbolSoup(), SymbolSoup(), SymbolSoup(seed=1)
+    seqs = {}
+    for split in ("train", "validation", "test"):
+        for i in range(50):
+            x = a.split(split)[i]["tokens"]
+            assert torch.equal(x, b.split(split)[i]["tokens"])
+            seqs.setdefault(split, set()).add(tuple(x.tolist()))
+    assert len(seqs["train"] | seqs["validation"] | seqs["test"]) == 150
+    assert not torch.equal(a.split("train")[0]["tokens"], c.split("train")[0]["tokens"])
+
+
+def test_style_families_follow_the_documented_derivation():
+    for seed, count in ((123, 4), (456, 5)):
+        rng = random.Random(seed)
+        for style in style_family(seed, count):
+            letters = list(LETTERS)
+            rng.shuffle(letters)
+            assert [LETTERS[i] for i in style.order] == letters
+            assert len(style.preferred) == 20
+    assert len(MOTIFS) == 39
+
+
+SPEC_MOTIFS = [
+    [LETTERS.index(c) for c in LETTERS[i : i + n]] for n in (3, 4, 5) for i in range(16 - n + 1)
+]
+
+
+def spec_style(order) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unigram weights (16,), preferred bigram mask (16, 16) and motif weights (39,) written
+    directly from docs/tasks.md for a shuffled letter order."""
+    P, S = list(order[:4]), list(order[4:8])
+    unigram = np.ones(16)
+    unigram[P], unigram[S] = 3.0, 2.0
+    preferred = np.zeros((16, 16), dtype=bool)
+    for i in range(4):
+        for a, b in ((P[i], P[(i + 1) % 4]), (P[i], P[i]), (S[i], S[i]), (P[i], S[i]), (S[i], P[i])):
+            preferred[a, b] = True
+    motif_w = np.array([1 + 0.9 * sum(c in P for c in m) + 0.5 * sum(c in S for c in m) for m in SPEC_MOTIFS])
+    return unigram, preferred, motif_w
+
+
+def expected_statistics(order) -> tuple[np.ndarray, np.ndarray]:
+    """Long-block letter frequencies f (16,) and adjacent-pair frequencies f2 (16, 16) implied by
+    the specification, computed exactly (no sampling) from the renewal chain over the previous
+    letter: each step inserts a motif (prob 0.3) or takes one Markov step (weight unigram x 4 on
+    preferred bigrams); afterwards every letter flips with prob 0.03 to one of the 15 others."""
+    motif_prob, flip_prob = 0.3, 0.03
+    unigram, preferred, motif_w = spec_style(order)
+    W = unigram[None] * np.where(preferred, 1 + 3.0, 1.0)
+    q = W / W.sum(1, keepdims=True)  # Markov step from each previous letter
+    mp = motif_w / motif_w.sum()
+    trans, emit = (1 - motif_prob) * q, (1 - motif_prob) * q  # next state / letters emitted per step
+    internal, first, letters = np.zeros((16, 16)), np.zeros(16), np.zeros(16)
+    for m, p in zip(SPEC_MOTIFS, mp):
+        trans[:, m[-1]] += motif_prob * p
+        np.add.at(letters, m, p)
+        np.add.at(internal, (m[:-1], m[1:]), p)
+        first[m[0]] += p
+    emit = emit + motif_prob * letters
+    pairs = np.zeros((16, 16, 16))  # pairs[s, a, b]: pairs (a, b) emitted by a step from state s
+    for s in range(16):
+        pairs[s] = motif_prob * internal
+        pairs[s, s] += motif_prob * first + (1 - motif_prob) * q[s]
+    evals, evecs = np.linalg.eig(trans.T)
+    pi = np.real(evecs[:, np.argmin(abs(evals - 1))])
+    pi /= pi.sum()
+    step_len = (1 - motif_prob) + motif_prob * sum(len(m) * p for m, p in zip(SPEC_MOTIFS, mp))
+    f, f2 = pi @ emit / step_len, np.einsum("s,sab->ab", pi, pairs) / step_len
+    flip = np.full((16, 16), flip_prob / 15)
+    np.fill_diagonal(flip, 1 - flip_prob)
+    return f @ flip, flip.T @ f2 @ flip
+
+
+def test_symbol_soup_style_statistics_follow_the_spec():
+    """Sampled blocks against the exact statistics of the specification. 40 independent blocks of
+    2500 letters per style; standard errors from the spread of the 40 block estimates (batch
+    means), every test at level 1e-4: chi-square over the 16 letter frequencies and over the
+    bigrams expected >= 5 times per block, z of the total preferred-bigram and motif-successor
+    (a, a+1) frequencies."""
+    stats = pytest.importorskip("scipy.stats")
+    task = SymbolSoup()
+    blocks, length = 40, 2500
+    successor = np.eye(16, k=1, dtype=bool)
+    z_max = stats.norm.ppf(1 - 0.5e-4)
+
+    def z(samples: np.ndarray, expected: np.ndarray) -> np.ndarray:
+        return (samples.mean(0) - expected) / (samples.std(0, ddof=1) / np.sqrt(blocks))
+
+    for style in task.left_styles + task.right_styles:
+        rng = random.Random(0)
+        uni, bi = [], []
+        for _ in range(blocks):
+            block = np.array(style.block(length, rng))
+            uni.append(np.bincount(block, minlength=16) / length)
+            bi.append(np.bincount(block[:-1] * 16 + block[1:], minlength=256).reshape(16, 16) / (length - 1))
+        uni, bi = np.array(uni), np.array(bi)
+        f, f2 = expected_statistics(style.order)
+        preferred = spec_style(style.order)[1]
+        frequent = f2 * length >= 5
+        assert (z(uni, f) ** 2).sum() <= stats.chi2.ppf(1 - 1e-4, 16)
+        assert (z(bi[:, frequent], f2[frequent]) ** 2).sum() <= stats.chi2.ppf(1 - 1e-4, frequent.sum())
+        assert abs(z(bi[:, preferred].sum(1), f2[preferred].sum())) <= z_max
+        assert abs(z(bi[:, successor].sum(1), f2[successor].sum())) <= z_max
+        # qualitative: primaries > secondaries > others; preferred bigrams more over-represented
+        # than the others (both outside the motif successors)
+        e1, e2 = uni.mean(0), bi.mean(0)
+        P, S, O = style.order[:4], style.order[4:8], style.order[8:]
+        assert e1[list(P)].mean() > e1[list(S)].mean() > e1[list(O)].mean()
+        lift = e2 / np.outer(e1, e1)
+        assert lift[preferred & ~successor].mean() > lift[~preferred & ~successor].mean()
+
+
+def test_symbol_soup_examples_carry_their_class_styles():
+    """Each stylized block of an example of class (l, r) is best explained, among the 9 styles'
+    bigram models, by left style l or right style r: far more often than the chance rate 2/9."""
+    task = SymbolSoup(num_train=400)
+    styles = task.left_styles + task.right_styles
+    models = []
+    for f, f2 in (expected_statistics(style.order) for style in styles):
+        models.append((np.log(f), np.log(f2 / f2.sum(1, keepdims=True))))
+    hits = total = 0
+    for i in range(400):
+        ex = task.split("train")[i]
+        left, right = divmod(int(ex["label"]), 5)
+        blocks = parse(task, ex["tokens"])
+        for block in map(np.array, (blocks[1], blocks[3])):
+            if len(block) < 30:
+                continue
+            loglik = [lf[block[0]] + lf2[block[:-1], block[1:]].sum() for lf, lf2 in models]
+            hits += int(np.argmax(loglik)) in (left, 4 + right)
+            total += 1
+    assert total > 300 and hits / total > 3 * 2 / 9
+
+
+def test_symbol_soup_rejects_bad_bounds():
+    with pytest.raises(ValueError, match="min_tokens"):
+        SymbolSoup(min_tokens=30, max_tokens=20)
+
+
+# ----------------------------------------------------------------------------- Diffuse MQAR
+
+
+def split_rows(task: DiffuseMQAR, ex):
+    rows = ex["tokens"].view(-1, task.w).tolist()
+    return rows[: task.P], rows[task.P : len(rows) - task.Q], rows[len(rows) - task.Q :]
+
+
+@pytest.mark.parametrize("key_len", [1, 2, 3])
+def test_diffuse_mqar_recall_structure(key_len):
+    task = DiffuseMQAR(key_len=key_len, key_vocab_size=20, num_pairs=16, num_queries=8, lag_range=(80, 400))
+    K = task.K
+    for i in range(100):
+        ex = task.split("train")[i]
+        memory, distractors, queries = split_rows(task, ex)
+        assert len(ex["tokens"]) <= task.seq_len
+        mem = {tuple(r[:-1]): r[-1] for r in memory}
+        assert len(mem) == task.P  # distinct keys
+        assert all(1 <= t <= K for r in memory + distractors + queries for t in r[:-1])
+        assert all(K < r[-1] <= K + task.V for r in memory + distractors + queries)
+        prefixes = {key[:-1] for key in mem}
+        for r in distractors:
+            assert tuple(r[:-1]) not in mem and tuple(r[:-2]) in prefixes
+        scored = (ex["targets"] != IGNORE_INDEX).nonzero().flatten().tolist()
+        assert len(scored) == task.Q
+        for j, pos in enumerate(scored):
+            row = len(memory) + len(distractors) + j
+            assert pos == row * task.w + key_len - 1
+            key = tuple(queries[j][:-1])
+            assert ex["targets"][pos] == mem[key] == queries[j][-1]
+            assert ex["lag"][pos] == (row - [tuple(r[:-1]) for r in memory].index(key)) * task.w
+
+
+def test_diffuse_mqar_lag_ranges():
+    task = DiffuseMQAR()
+    lo, hi = task.lag_ranges["train"]
+    assert task.lag_ranges["test"] == (lo, 4 * hi)
+    lags = {}
+    for split in ("train", "test"):
+        lag = torch.cat([task.split(split)[i]["lag"] for i in range(300)])
+        lags[split] = lag[lag >= 0]
+        assert len(task.collate([task.split(split)[i] for i in range(8)])["tokens"][0]) <= task.seq_len
+    assert lags["train"].min() >= lo and lags["train"].max() <= hi
+    assert lags["test"].min() >= lo and lags["test"].max() <= 4 * hi and lags["test"].max() > 3 * hi
+    with pytest.raises(ValueError, match="lag_range"):
+        DiffuseMQAR(lag_range=(64, 100))
+
+
+def test_diffuse_mqar_deterministic_and_disjoint():
+    a, b = DiffuseMQAR(), DiffuseMQAR()
+    seen = set()
+    for split in ("train", "validation", "test"):
+        for i in range(30):
+            x = a.split(split)[i]["tokens"]
+            assert torch.equal(x, b.split(split)[i]["tokens"])
+            seen.add(tuple(x.tolist()))
+    assert len(seen) == 90
+
+
+# ----------------------------------------------------------------------------- MQAR
+
+
+def test_mqar_structure():
+    task = MQAR()
+    assert (task.vocab_size, task.seq_len, task.P) == (8192, 256, 16)
+    half = task.vocab_size // 2
+    positions = []
+    for i in range(50):
+        ex = task.split("validation")[i]
+        tokens, targets = ex["tokens"], ex["targets"]
+        assert len(tokens) == 256 and torch.equal(tokens, MQAR().split("validation")[i]["tokens"])
+        keys, values = tokens[0:32:2], tokens[1:32:2]
+        assert ((keys >= 1) & (keys < half)).all() and ((values >= half) & (values < 8192)).all()
+        assert len(set(keys.tolist())) == 16 and len(set(values.tolist())) == 16
+        scored = (targets != IGNORE_INDEX).nonzero().flatten()
+        assert len(scored) == 16 and ((scored - 32) % 2 == 0).all()
+        memory = dict(zip(keys.tolist(), values.tolist()))
+        for pos in scored.tolist():
+            assert memory[int(tokens[pos])] == targets[pos]
+        positions.append(scored - 32)
+    # power law (a = 0.01): the first slots are picked much more often than the last ones
+    slots = torch.cat(positions) // 2
+    assert (slots < task.num_slots // 4).float().mean() > 0.5
+    assert not torch.equal(task.split("train")[0]["tokens"], task.split("test")[0]["tokens"])
+    with pytest.raises(ValueError, match="num_pairs"):
+        MQAR(seq_len=64, num_pairs=17)
+
+
+# ----------------------------------------------------------------------------- text LM
+
+
+def test_text_lm_segments(tmp_path):
+    task = TextLM(seq_len=128)
+    assert task.vocab_size == 256 and task.kind == "lm"
+    starts = set()
+    for split in ("train", "validation", "test"):
+        start, end = task.ranges[split]
+        n = task.num_examples(split)
+        assert n == (end - start - 1) // 128 > 0
+        for i in (0, n - 1):
+            ex = task.split(split)[i]
+            s = start + i * 128
+            assert torch.equal(ex["tokens"], task.data[s : s + 128]) and torch.equal(ex["targets"], task.data[s + 1 : s + 129])
+            assert s + 129 <= end
+        starts.add(start)
+    assert task.ranges["train"][1] == task.ranges["validation"][0] and task.ranges["validation"][1] == task.ranges["test"][0]
+    (tmp_path / "a.txt").write_text("hello world " * 50)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_text("é" * 100)
+    folder = TextLM(path=str(tmp_path), seq_len=8, split_fractions=(0.8, 0.1, 0.1))
+    assert bytes(folder.data.tolist()) == ("hello world " * 50 + "\n" + "é" * 100).encode()
+    with pytest.raises(ValueError, match="seq_len"):
+        TextLM(path=str(tmp_path / "a.txt"), seq_len=100)
+    with pytest.raises(FileNotFoundError):
+        TextLM(path=str(tmp_path / "missing"))
+
+
+def test_text_lm_tokenizer(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tok.json"))
+    (tmp_path / "t.txt").write_text("a b " * 200)
+    task = TextLM(path=str(tmp_path / "t.txt"), tokenizer=str(tmp_path / "tok.json"), seq_len=16)
+    assert task.vocab_size == 3 and task.data[:4].tolist() == [1, 2, 1, 2]
+
+
+# ----------------------------------------------------------------------------- collate and metrics
+
+
+def test_collate_pads_right():
+    task = DiffuseMQAR()
+    exs = [task.split("train")[i] for i in range(4)]
+    batch = task.collate(exs)
+    lengths = [len(e["tokens"]) for e in exs]
+    assert batch["tokens"].shape == (4, max(lengths)) and batch["lengths"].tolist() == lengths
+    for b, n in enumerate(lengths):
+        assert torch.equal(batch["tokens"][b, :n], exs[b]["tokens"]) and (batch["tokens"][b, n:] == task.pad_id).all()
+        assert (batch["targets"][b, n:] == IGNORE_INDEX).all() and (batch["lag"][b, n:] == -1).all()
+        assert batch["mask"][b].sum() == n and batch["mask"][b, :n].all()
+
+
+def one_hot_logits(ids: torch.Tensor, num: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(ids.clamp(min=0), num).float() * 10
+
+
+def test_classification_metric_known_values():
+    task = SymbolSoup(num_validation=4)
+    batch = task.collate([task.split("validation")[i] for i in range(4)])
+    pred = batch["label"].clone()
+    pred[0] = (pred[0] + 1) % 20  # 3 of 4 right
+    m = task.metrics("validation")
+    m.update(one_hot_logits(pred, 20), batch)
+    assert m.compute()["accuracy"] == pytest.approx(0.75)
+    m.reset()
+    per_step = torch.zeros(*batch["tokens"].shape, 20)
+    per_step[torch.arange(4), batch["position"]] = one_hot_logits(pred, 20)  # (B, T, C) read out at position
+    m.update(per_step, batch)
+    assert m.compute()["accuracy"] == pytest.approx(0.75)
+
+
+def test_recall_metrics_known_values():
+    task = DiffuseMQAR()
+    batch = task.collate([task.split("test")[i] for i in range(16)])
+    targets, lag = batch["targets"], batch["lag"]
+    pred = targets.clone()
+    long = lag > 256
+    pred[long] = task.pad_id  # wrong on every lag beyond the training range
+    m = task.metrics("test")
+    m.update(one_hot_logits(pred, task.vocab_size), batch)
+    out = m.compute()
+    scored = targets != IGNORE_INDEX
+    assert out["accuracy"] == pytest.approx(1 - long.sum().item() / scored.sum().item())
+    assert out["accuracy_lag_64_256"] == 1.0
+    for lo, hi in ((256, 512), (512, 768), (768, 1024)):
+        if ((lag > lo) & (lag <= hi)).any():
+            assert out[f"accuracy_lag_{lo}_{hi}"] == 0.0
+    assert set(task.metrics("validation").collection.keys()) == {"accuracy", "accuracy_by_lag"}
+
+
+def test_lm_metrics_known_values():
+    task = TextLM(seq_len=32)
+    batch = task.collate([task.split("test")[i] for i in range(3)])
+    m = task.metrics("test")
+    m.update(torch.zeros(3, 32, 256), batch)  # uniform: perplexity = vocabulary size
+    out = m.compute()
+    assert out["perplexity"] == pytest.approx(256.0, rel=1e-5)
+    m.reset()
+    logits = torch.zeros(3, 32, 256)
+    target = batch["targets"]
+    for b, rank in enumerate((0, 1, 3)):  # row b ranks the target 1st, 2nd, 4th
+        for r in range(rank + 1):
+            logits[b].scatter_(-1, ((target[b] + r) % 256)[:, None], float(1 + r))
+    m.update(logits, batch)
+    out = m.compute()
+    assert out["top1"] == pytest.approx(1 / 3) and out["top5"] == pytest.approx(1.0)
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
+    assert out["perplexity"] == pytest.approx(nll.exp().item(), rel=1e-5)
