@@ -1,0 +1,171 @@
+"""Mamba-2 mixer (Dao & Gu 2024, "Transformers are SSMs"), the standard layer of mamba_ssm:
+
+    z, xBC, dt = split(in_proj(u))                    # d_inner, d_inner + 2 G N, H
+    x, B, C = split(SiLU(causal depthwise conv(xBC)))
+    dt = softplus(dt + dt_bias);  A = -exp(A_log)      # per head
+    y = ssd(x, dt, A, B, C) + D x                      # kernels.ssd, the layer's pinned backend
+    out = out_proj(GatedRMSNorm(y, z))                 # RMSNorm(y * silu(z)) per group
+
+Packed sequences / left padding (seq_idx): the conv never reads across a segment change and the
+ssd op resets its state at a change. Decoding keeps a constant-size `Mamba2State`: the last
+conv_kernel - 1 conv inputs (with their segment ids) and the SSM state (B, H, P, N).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from blocks.mixer import DecodeState, Mixer
+from blocks.norms import GatedRMSNorm
+from kernels import OPS, BackendError
+from kernels.ssd import ssd
+
+
+@dataclass(kw_only=True)
+class Mamba2State(DecodeState):
+    """Decoding state of one Mamba2 layer (constant size in the sequence length)."""
+
+    conv: Tensor  # (B, conv_kernel - 1, conv_dim) the last conv inputs, oldest first
+    conv_seq: Tensor  # (B, conv_kernel - 1) int64 their segment ids
+    ssm: Tensor  # (B, heads, head_dim, state_dim)
+
+
+def check_backends(mixer: str, backends: dict[str, str] | None, used: tuple[str, ...]) -> dict[str, str]:
+    """Validate a per-layer `backends` pin dict against the registered ops -> {op: backend} for `used`."""
+    backends = dict(backends or {})
+    for op_name, name in backends.items():
+        if op_name not in OPS:
+            raise ValueError(f"{mixer}: backends names unknown op {op_name!r}; valid ops: {', '.join(sorted(OPS))}")
+        if op_name not in used:
+            raise ValueError(f"{mixer}: backends names op {op_name!r}, which this mixer does not call; "
+                             f"it calls: {', '.join(used)}")
+        try:
+            OPS[op_name].check_name(name)
+        except BackendError as e:
+            raise ValueError(f"{mixer}: backends[{op_name!r}]: {e}") from None
+    return {op_name: backends.get(op_name, "auto") for op_name in used}
+
+
+class Mamba2(Mixer):
+    """Mamba-2 layer: (B, T, dim) -> (B, T, dim).
+
+    d_inner = expand * dim channels in heads of `head_dim` (heads = d_inner / head_dim); B and C have
+    `num_groups` groups of `state_dim` (heads share them in blocks of heads / num_groups).
+    `conv_kernel`: width of the causal depthwise conv over [x, B, C]. `chunk_size`: hint for the
+    chunked ssd backends. dt_bias is initialised so softplus(dt_bias) is log-uniform in
+    [dt_min, dt_max]; A_log so that -A is uniform in [1, 16]; D = 1.
+    `backends`: op name -> backend pinned for this layer (this layer calls `ssd`).
+    """
+
+    def __init__(self, dim: int, state_dim: int = 64, expand: int = 2, head_dim: int = 64, num_groups: int = 1,
+                 conv_kernel: int = 4, chunk_size: int = 64, dt_min: float = 1e-3, dt_max: float = 0.1,
+                 backends: dict[str, str] | None = None):
+        super().__init__()
+        for name, value in dict(dim=dim, state_dim=state_dim, head_dim=head_dim, num_groups=num_groups,
+                                conv_kernel=conv_kernel, chunk_size=chunk_size).items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Mamba2: {name} must be a positive int; got {name}={value!r}")
+        if expand <= 0 or expand * dim != int(expand * dim):
+            raise ValueError(f"Mamba2: expand * dim must be a positive integer; got expand={expand}, dim={dim}")
+        d_inner = int(expand * dim)
+        if d_inner % head_dim:
+            raise ValueError(f"Mamba2: expand * dim = {d_inner} must be divisible by head_dim={head_dim}")
+        heads = d_inner // head_dim
+        if heads % num_groups:
+            raise ValueError(f"Mamba2: the {heads} heads (expand * dim / head_dim) must be divisible by "
+                             f"num_groups={num_groups}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"Mamba2: need 0 < dt_min <= dt_max; got dt_min={dt_min}, dt_max={dt_max}")
+        self.ops = check_backends("Mamba2", backends, used=("ssd",))
+
+        self.dim, self.d_inner, self.num_heads, self.head_dim = dim, d_inner, heads, head_dim
+        self.state_dim, self.num_groups, self.conv_kernel, self.chunk_size = state_dim, num_groups, conv_kernel, chunk_size
+        self.conv_dim = d_inner + 2 * num_groups * state_dim
+
+        self.in_proj = nn.Linear(dim, d_inner + self.conv_dim + heads, bias=False)  # -> z, xBC, dt
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel, groups=self.conv_dim, bias=True)
+        dt = torch.exp(torch.rand(heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.A_log = nn.Parameter(torch.log(torch.empty(heads).uniform_(1, 16)))
+        self.D = nn.Parameter(torch.ones(heads))
+        self.norm = GatedRMSNorm(d_inner, eps=1e-5, group_size=d_inner // num_groups)
+        self.out_proj = nn.Linear(d_inner, dim, bias=False)
+
+    def allocate_state(self, batch_size: int, max_len: int, device: torch.device | str | None = None,
+                       dtype: torch.dtype | None = None) -> Mamba2State:
+        device = self.in_proj.weight.device if device is None else device
+        dtype = self.in_proj.weight.dtype if dtype is None else dtype
+        K = self.conv_kernel
+        return Mamba2State(**Mamba2State.track(batch_size, max_len, device),
+                           conv=torch.zeros(batch_size, K - 1, self.conv_dim, device=device, dtype=dtype),
+                           conv_seq=torch.zeros(batch_size, K - 1, dtype=torch.long, device=device),
+                           ssm=torch.zeros(batch_size, self.num_heads, self.head_dim, self.state_dim,
+                                           device=device, dtype=dtype))
+
+    def _conv(self, u: Tensor, seq_idx: Tensor | None, window: Tensor | None, window_seq: Tensor | None) -> Tensor:
+        """Causal depthwise conv of u (B, T, conv_dim) after `window` (B, K-1, conv_dim) of earlier inputs.
+
+        With segment ids (seq_idx (B, T), window_seq (B, K-1)) an input only reaches outputs of its own
+        run: positions t' <= t count only when no segment change lies between them.
+        """
+        T, K = u.shape[1], self.conv_kernel
+        if seq_idx is None:  # one segment per row, nothing before: the plain conv
+            return rearrange(F.conv1d(rearrange(u, "b t c -> b c t"), self.conv1d.weight, self.conv1d.bias,
+                                      padding=K - 1, groups=self.conv_dim)[..., :T], "b c t -> b t c")
+        full = torch.cat([window.to(u.dtype), u], dim=1)  # (B, K-1+T, C)
+        ids = torch.cat([window_seq, seq_idx], dim=1)
+        run = F.pad((ids[:, 1:] != ids[:, :-1]).cumsum(dim=1), (1, 0))  # equal <=> same segment run
+        weight = self.conv1d.weight[:, 0]  # (C, K); tap k reads input t - (K-1) + k
+        out = self.conv1d.bias
+        for k in range(K):
+            same = (run[:, k:k + T] == run[:, K - 1:]).to(u.dtype)[..., None]
+            out = out + full[:, k:k + T] * weight[:, k] * same
+        return out
+
+    def forward(self, x: Tensor, *, seq_idx: Tensor | None = None, state: Mamba2State | None = None) -> Tensor:
+        """x: (B, T, dim) -> (B, T, dim). seq_idx (B, T): segment ids (of the new tokens with a state)."""
+        Bt, T, _ = x.shape
+        if state is not None:
+            seq_idx, positions = state.begin(x, seq_idx)
+            window, window_seq = state.conv, state.conv_seq
+        elif seq_idx is not None:
+            if tuple(seq_idx.shape) != (Bt, T):
+                raise ValueError(f"seq_idx must be (B, T) = {(Bt, T)}; got {tuple(seq_idx.shape)}")
+            window = x.new_zeros(Bt, self.conv_kernel - 1, self.conv_dim)  # nothing before: zero inputs
+            window_seq = seq_idx[:, :1].expand(Bt, self.conv_kernel - 1)
+        else:
+            window = window_seq = None
+
+        z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        xs, B, C = F.silu(self._conv(xBC, seq_idx, window, window_seq)).split(
+            [self.d_inner, self.num_groups * self.state_dim, self.num_groups * self.state_dim], dim=-1)
+        xs = rearrange(xs, "b t (h p) -> b t h p", p=self.head_dim)
+        B = rearrange(B, "b t (g n) -> b t g n", g=self.num_groups)
+        C = rearrange(C, "b t (g n) -> b t g n", g=self.num_groups)
+        work = torch.promote_types(x.dtype, torch.float32)
+        dt = F.softplus(dt.to(work) + self.dt_bias.to(work))  # (B, T, H)
+        A = -torch.exp(self.A_log.to(work))  # (H,)
+
+        if state is None:
+            y = ssd(xs, dt, A, B, C, seq_idx=seq_idx, chunk_size=self.chunk_size, backend=self.ops["ssd"])
+        else:
+            # a row whose first new token starts a new segment starts from a zero state
+            if state.length:
+                cont = seq_idx[:, 0] == state.seq_idx[:, state.length - 1]
+            else:
+                cont = torch.ones(Bt, dtype=torch.bool, device=x.device)
+            y, final = ssd(xs, dt, A, B, C, initial_state=state.ssm * cont[:, None, None, None], seq_idx=seq_idx,
+                           chunk_size=self.chunk_size, return_final_state=True, backend=self.ops["ssd"])
+            state.ssm = final.to(state.ssm.dtype)
+            state.conv = torch.cat([window.to(xBC.dtype), xBC], dim=1)[:, T:].to(state.conv.dtype)
+            state.conv_seq = torch.cat([window_seq, seq_idx], dim=1)[:, T:]
+            state.commit(seq_idx, positions)
+
+        y = y + xs * self.D.to(xs.dtype)[:, None]
+        return self.out_proj(self.norm(rearrange(y, "b t h p -> b t (h p)"), z))
