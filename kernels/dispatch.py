@@ -3,7 +3,8 @@
 A backend declares a name, a priority, a lazy availability probe and a `supports(*args, **kwargs)`
 check; both return `None` when fine or a short reason string ("needs CUDA", "float64 not
 supported"). Dispatch picks the highest-priority backend that is available and supports the
-inputs, and logs the choice once per (op, backend).
+inputs, and logs the choice once per (op, backend). An optional `auto(*args, **kwargs)` check declines
+only automatic selection (a pinned backend still runs), e.g. Triton's slow CPU interpreter.
 
 Pinning, strongest first:
     op(..., backend="sdpa")                     # per call (mixers pass their per-layer choice)
@@ -48,6 +49,7 @@ class Backend:
     priority: int
     probe: Callable[[], Reason]
     supports: Callable[..., Reason]
+    auto: Callable[..., Reason] = field(default=lambda *args, **kwargs: None, repr=False)
     _availability: tuple[Reason] | None = field(default=None, repr=False)
 
     def unavailable_reason(self) -> Reason:
@@ -63,6 +65,10 @@ class Backend:
     def reason(self, *args: Any, **kwargs: Any) -> Reason:
         """Why this backend cannot run these inputs, or None if it can."""
         return self.unavailable_reason() or self.supports(*args, **kwargs)
+
+    def auto_reason(self, *args: Any, **kwargs: Any) -> Reason:
+        """Why automatic selection skips this backend for these inputs (pinned, it may still run)."""
+        return self.reason(*args, **kwargs) or self.auto(*args, **kwargs)
 
 
 def _always(*args: Any, **kwargs: Any) -> Reason:
@@ -102,12 +108,13 @@ class Op:
         priority: int = 0,
         available: Callable[[], Reason] | None = None,
         supports: Callable[..., Reason] | None = None,
+        auto: Callable[..., Reason] | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator: register `fn` as backend `name` of this op (re-registering replaces it)."""
 
         def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
             self.backends[name] = Backend(self.name, name, fn, priority, available or (lambda: None),
-                                          supports or _always)
+                                          supports or _always, auto or _always)
             self._ranked = sorted(self.backends.values(), key=lambda b: -b.priority)
             return fn
 
@@ -144,7 +151,7 @@ class Op:
             if why is not None:
                 raise BackendError(self._report(f"pinned backend {pin!r} cannot run ({why})", args, kwargs))
         else:
-            chosen = next((b for b in self._ranked if b.reason(*args, **kwargs) is None), None)
+            chosen = next((b for b in self._ranked if b.auto_reason(*args, **kwargs) is None), None)
             if chosen is None:
                 raise BackendError(self._report("no backend can run these inputs", args, kwargs))
         for sink in getattr(_local, "recorders", ()):

@@ -53,3 +53,4 @@ def visible(Tq: int, S: int, device: torch.device, window: int | None = None, se
 
 
 from kernels.attention import reference  # noqa: E402,F401  (registers the backend)
+from kernels.attention import triton  # noqa: E402,F401  (registers the backend)
