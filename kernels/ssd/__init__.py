@@ -51,4 +51,5 @@ def segment_starts(seq_idx: Tensor | None, Bt: int, T: int, device: torch.device
 
 
 from kernels.ssd import reference  # noqa: E402,F401  (registers the backend)
+from kernels.ssd import chunked  # noqa: E402,F401  (registers the backend)
 from kernels.ssd import triton  # noqa: E402,F401  (registers the backend)
