@@ -1,0 +1,149 @@
+"""Models around a Stack: a causal language model and a sequence classifier.
+
+    lm = CausalLM(vocab_size=256, dim=64, stack=lambda d: Stack(d, "SASA"))
+    logits = lm(tokens)                                   # (B, T) long -> (B, T, V)
+    logits = lm(tokens, cu_seqlens=cu)                    # packed documents in one row (B = 1)
+
+    clf = SequenceClassifier(vocab_size=25, num_classes=20, dim=64, stack=lambda d: Stack(d, "SA"))
+    logits = clf(tokens, positions)                       # read out at positions (B,) -> (B, C)
+
+`stack` is a factory called with the width (a gin reference `@Stack` in configs) or a built Stack.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from blocks.mixer import DecodeState
+from kernels.packing import seq_idx_from_cu_seqlens
+from zoo.stack import Stack
+
+
+def _build_stack(stack: Stack | Callable[[int], Stack], dim: int) -> Stack:
+    built = stack if isinstance(stack, nn.Module) else stack(dim)
+    if getattr(built, "dim", dim) != dim:
+        raise ValueError(f"stack has width {built.dim} but the model has dim={dim}")
+    return built
+
+
+def check_tokens(tokens: Tensor, vocab_size: int, name: str = "tokens") -> None:
+    """tokens must be a (B, T) torch.long tensor of ids in [0, vocab_size); errors name the argument."""
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(tokens).__name__}")
+    if tokens.dtype != torch.long:
+        raise TypeError(f"{name} must have dtype torch.long; got {tokens.dtype}")
+    if tokens.ndim != 2 or tokens.shape[1] == 0:
+        raise ValueError(f"{name} must be (B, T) with T >= 1; got shape {tuple(tokens.shape)}")
+    if tokens.numel():
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{name} must lie in [0, vocab_size={vocab_size}); got values in [{lo}, {hi}]")
+
+
+def _check_seq_idx(seq_idx: Tensor | None, shape: tuple[int, int]) -> None:
+    if seq_idx is not None and (seq_idx.dtype != torch.long or tuple(seq_idx.shape) != shape):
+        raise ValueError(f"seq_idx must be a torch.long tensor of shape (B, T) = {shape}; "
+                         f"got {seq_idx.dtype} {tuple(seq_idx.shape)}")
+
+
+class CausalLM(nn.Module):
+    """Embedding -> Stack -> LayerNorm -> head tied to the embedding. tokens (B, T) -> logits (B, T, V).
+
+    Args:
+        vocab_size: V.
+        dim: width D.
+        stack: factory `stack(dim) -> Stack` (or a built Stack of width dim).
+        ln_eps: final LayerNorm epsilon.
+        embed_std: standard deviation of the (tied) embedding's normal initialisation.
+    """
+
+    def __init__(self, vocab_size: int, dim: int, stack: Stack | Callable[[int], Stack], ln_eps: float = 1e-5,
+                 embed_std: float = 0.02):
+        super().__init__()
+        if vocab_size < 1 or dim < 1:
+            raise ValueError(f"vocab_size and dim must be >= 1; got vocab_size={vocab_size}, dim={dim}")
+        self.vocab_size, self.dim = vocab_size, dim
+        self.embed = nn.Embedding(vocab_size, dim)
+        nn.init.normal_(self.embed.weight, std=embed_std)
+        self.stack = _build_stack(stack, dim)
+        self.norm = nn.LayerNorm(dim, eps=ln_eps)
+
+    def forward(self, tokens: Tensor, *, seq_idx: Tensor | None = None, cu_seqlens: Tensor | None = None,
+                states: Sequence[DecodeState] | None = None) -> Tensor:
+        """tokens (B, T) long -> logits (B, T, V).
+
+        seq_idx (B, T) long: segment ids (packing, left padding; kernels.packing).
+        cu_seqlens (N + 1,): packed documents in one row (B must be 1); exclusive with seq_idx.
+        states: one decoding state per layer (allocate_states); tokens are then the new tokens only.
+        """
+        check_tokens(tokens, self.vocab_size)
+        if cu_seqlens is not None:
+            if seq_idx is not None:
+                raise ValueError("give either seq_idx or cu_seqlens, not both")
+            if tokens.shape[0] != 1:
+                raise ValueError(f"cu_seqlens packs documents into one row: tokens must be (1, T); got {tuple(tokens.shape)}")
+            seq_idx = seq_idx_from_cu_seqlens(cu_seqlens.to(tokens.device), tokens.shape[1])
+        _check_seq_idx(seq_idx, tuple(tokens.shape))
+        h = self.stack(self.embed(tokens), seq_idx=seq_idx, states=states)
+        return F.linear(self.norm(h), self.embed.weight)
+
+    def allocate_states(self, batch_size: int, max_len: int, device: torch.device | str | None = None,
+                        dtype: torch.dtype | None = None) -> list[DecodeState]:
+        """Decoding states for every layer (see Stack.allocate_states)."""
+        return self.stack.allocate_states(batch_size, max_len, device=device, dtype=dtype)
+
+    def example_inputs(self, batch_size: int = 1, seq_len: int = 8) -> tuple[tuple, dict]:
+        """Random (args, kwargs) for a forward pass (used by zoo.summary)."""
+        return (torch.randint(self.vocab_size, (batch_size, seq_len), device=self.embed.weight.device),), {}
+
+
+class SequenceClassifier(nn.Module):
+    """Embedding -> Stack -> LayerNorm -> Linear(D, C) read at one marked position per row.
+
+    Args:
+        vocab_size: V.
+        num_classes: C.
+        dim: width D.
+        stack: factory `stack(dim) -> Stack` (or a built Stack of width dim).
+        ln_eps: final LayerNorm epsilon.
+        embed_std: standard deviation of the embedding's normal initialisation.
+    """
+
+    def __init__(self, vocab_size: int, num_classes: int, dim: int, stack: Stack | Callable[[int], Stack],
+                 ln_eps: float = 1e-5, embed_std: float = 0.02):
+        super().__init__()
+        if vocab_size < 1 or num_classes < 1 or dim < 1:
+            raise ValueError(f"vocab_size, num_classes and dim must be >= 1; got vocab_size={vocab_size}, "
+                             f"num_classes={num_classes}, dim={dim}")
+        self.vocab_size, self.num_classes, self.dim = vocab_size, num_classes, dim
+        self.embed = nn.Embedding(vocab_size, dim)
+        nn.init.normal_(self.embed.weight, std=embed_std)
+        self.stack = _build_stack(stack, dim)
+        self.norm = nn.LayerNorm(dim, eps=ln_eps)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, tokens: Tensor, positions: Tensor, *, seq_idx: Tensor | None = None) -> Tensor:
+        """tokens (B, T) long, positions (B,) long index of the readout step in each row -> logits (B, C).
+
+        seq_idx (B, T) long: segment ids (e.g. left padding with pads = -1)."""
+        check_tokens(tokens, self.vocab_size)
+        B, T = tokens.shape
+        if not isinstance(positions, Tensor) or positions.dtype != torch.long or tuple(positions.shape) != (B,):
+            got = f"{positions.dtype} {tuple(positions.shape)}" if isinstance(positions, Tensor) else type(positions).__name__
+            raise ValueError(f"positions must be a torch.long tensor of shape (B,) = ({B},); got {got}")
+        if bool(((positions < 0) | (positions >= T)).any()):
+            raise ValueError(f"positions must lie in [0, T={T}); got {positions.tolist()}")
+        _check_seq_idx(seq_idx, (B, T))
+        h = self.stack(self.embed(tokens), seq_idx=seq_idx)
+        h = h[torch.arange(B, device=h.device), positions.to(h.device)]  # (B, D)
+        return self.head(self.norm(h))
+
+    def example_inputs(self, batch_size: int = 1, seq_len: int = 8) -> tuple[tuple, dict]:
+        """Random (args, kwargs) for a forward pass (used by zoo.summary)."""
+        device = self.embed.weight.device
+        tokens = torch.randint(self.vocab_size, (batch_size, seq_len), device=device)
+        return (tokens, torch.full((batch_size,), seq_len - 1, device=device)), {}
