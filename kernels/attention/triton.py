@@ -244,7 +244,13 @@ def _supports(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, wi
     return None
 
 
-@attention.register("triton", priority=15, available=triton_probe, supports=_supports, auto=auto_check)
+def _auto(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Reason:
+    if q.shape[1] == 1 and k.shape[1] > 1:
+        return "one decoding query: blocks of 16+ query rows would be mostly idle (pin to force)"
+    return auto_check(q, k, v, **kwargs)
+
+
+@attention.register("triton", priority=15, available=triton_probe, supports=_supports, auto=_auto)
 def attention_triton(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
                      window: int | None = None, seq_idx: Tensor | None = None) -> Tensor:
     """q (B, Tq, H, d), k (B, S, Hkv, d), v (B, S, Hkv, dv) -> (B, Tq, H, dv); contract in kernels.attention."""

@@ -373,7 +373,13 @@ def _supports(f: Tensor, q: Tensor, k: Tensor, gamma: Tensor, *, past_k: Tensor 
     return check_tensors(f, q, k, gamma, past_k, past_s, seq_idx)
 
 
-@feedback_solve.register("triton", priority=30, available=triton_probe, supports=_supports, auto=auto_check)
+def _auto(f: Tensor, q: Tensor, k: Tensor, gamma: Tensor, *, past_k: Tensor | None = None, **kwargs) -> Reason:
+    if f.shape[1] == 1 and past_k is not None:
+        return "one decoding step: a weighted sum over the cache, nothing to solve (pin to force)"
+    return auto_check(f, q, k, gamma, past_k=past_k, **kwargs)
+
+
+@feedback_solve.register("triton", priority=30, available=triton_probe, supports=_supports, auto=_auto)
 def feedback_solve_triton(f: Tensor, q: Tensor, k: Tensor, gamma: Tensor, *, past_k: Tensor | None = None,
                           past_s: Tensor | None = None, seq_idx: Tensor | None = None) -> Tensor:
     """f (B, T, D), q, k (B, T, Dk), gamma (B, T), past_k (B, P, Dk), past_s (B, P, D), seq_idx (B, P + T)
