@@ -32,7 +32,14 @@ Reason = str | None
 
 # Kernels are built as interpreted or compiled functions when they are decorated (at import), so the
 # mode is fixed then: setting TRITON_INTERPRET later changes nothing for this process.
-INTERPRET = triton is not None and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def _interpret_flag() -> bool:
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4 parses the variable there
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+INTERPRET = triton is not None and _interpret_flag()
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -273,7 +273,6 @@ class _FeedbackSolveTriton(torch.autograd.Function):
         keys = (k if P == 0 else torch.cat([past_k, k], dim=1)).contiguous()
         seg = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
         g32 = gamma.float().contiguous()
-        f32 = f.float()
         ss = torch.empty(B, L, D, dtype=torch.float32, device=dev)
         if P:
             ss[:, :P] = past_s
@@ -296,7 +295,7 @@ class _FeedbackSolveTriton(torch.autograd.Function):
                 HAS_SEG=seg is not None, DOT=DOT)
             _inverse_kernel[(triton.cdiv(n, BT), B)](w, inv, r0 // BT, nblk, n, P + r0, w.stride(0), w.stride(1),
                                                      BT=BT, LOG2_BT=BT.bit_length() - 1)
-            rhs = f32[:, r0:r1]
+            rhs = f[:, r0:r1].float()
             if P + r0:
                 rhs = torch.baddbmm(rhs, w[:, :, :P + r0], ss[:, :P + r0])
             rhs = rhs.contiguous()
