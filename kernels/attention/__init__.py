@@ -53,4 +53,6 @@ def visible(Tq: int, S: int, device: torch.device, window: int | None = None, se
 
 
 from kernels.attention import reference  # noqa: E402,F401  (registers the backend)
+from kernels.attention import sdpa  # noqa: E402,F401
+from kernels.attention import xformers  # noqa: E402,F401
 from kernels.attention import triton  # noqa: E402,F401  (registers the backend)

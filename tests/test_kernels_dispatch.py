@@ -1,0 +1,250 @@
+"""Backend dispatch (kernels.dispatch) and the attention op's backends.
+
+A throwaway op `toy` with three backends exercises the mechanics:
+    gpu    priority 20, unavailable ("needs CUDA")
+    fast   priority 10, declines float32 inputs
+    slow   priority 0, takes anything
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import kernels
+from kernels.attention import attention
+from kernels.dispatch import OPS, BackendError, Op, _logged, set_backend, use_backends
+from kernels.packing import seq_idx_from_cu_seqlens, seq_idx_from_padding
+
+
+@pytest.fixture
+def toy():
+    op = Op("toy")
+
+    @op.register("slow", priority=0)
+    def slow(x):
+        return "slow"
+
+    @op.register("fast", priority=10,
+                 supports=lambda x: "float32 not supported" if x.dtype == torch.float32 else None)
+    def fast(x):
+        return "fast"
+
+    @op.register("gpu", priority=20, available=lambda: "needs CUDA")
+    def gpu(x):
+        return "gpu"
+
+    yield op
+    set_backend("toy", None)
+    del OPS["toy"]
+    _logged.difference_update({key for key in _logged if key[0] == "toy"})  # so each test logs afresh
+
+
+X64, X32 = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float32)
+
+
+def test_highest_priority_backend_that_can_run(toy):
+    assert toy(X64) == "fast"
+    assert toy(X32) == "slow"  # fast declines float32, gpu is unavailable
+    assert toy.reasons(X32) == {"gpu": "needs CUDA", "fast": "float32 not supported", "slow": None}
+
+
+def test_pins_and_their_precedence(toy, monkeypatch):
+    assert toy(X64, backend="slow") == "slow"
+    assert toy(X64, backend="auto") == "fast"
+    monkeypatch.setenv("ZOO_BACKENDS", "other=x, toy=slow")
+    assert toy(X64) == "slow"
+    set_backend("toy", "fast")
+    assert toy(X64) == "fast"  # set_backend beats the environment
+    with use_backends(toy="slow"):
+        assert toy(X64) == "slow"  # use_backends beats set_backend
+        with use_backends(toy="fast"):
+            assert toy(X64) == "fast"  # the innermost scope wins
+        assert toy(X64) == "slow"
+        assert toy(X64, backend="fast") == "fast"  # a per-call pin beats everything
+    assert toy(X64) == "fast"
+    set_backend("toy", None)
+    assert toy(X64) == "slow"  # back to the environment
+    monkeypatch.setenv("ZOO_BACKENDS", "toy")
+    with pytest.raises(ValueError, match="ZOO_BACKENDS entry 'toy' must look like op=backend"):
+        toy(X64)
+
+
+def test_unknown_backend_name_lists_the_valid_ones(toy):
+    valid = "valid: auto, slow, fast, gpu"
+    with pytest.raises(BackendError, match=f"unknown backend 'quick' for op 'toy'; {valid}"):
+        toy(X64, backend="quick")
+    with pytest.raises(BackendError, match=valid):
+        set_backend("toy", "quick")
+    with pytest.raises(BackendError, match=valid):
+        with use_backends(toy="quick"):
+            pass
+    with pytest.raises(KeyError, match="unknown op 'toyy'"):
+        set_backend("toyy", "slow")
+
+
+def test_pinned_backend_that_cannot_run_lists_every_reason(toy):
+    with pytest.raises(BackendError) as err:
+        toy(X32, backend="fast")
+    msg = str(err.value)
+    assert "pinned backend 'fast' cannot run (float32 not supported)" in msg
+    assert "- gpu (priority 20): needs CUDA" in msg
+    assert "- fast (priority 10): float32 not supported" in msg
+    assert "- slow (priority 0): ok" in msg
+    with pytest.raises(BackendError, match="pinned backend 'gpu' cannot run \\(needs CUDA\\)"):
+        toy(X64, backend="gpu")
+
+
+def test_no_backend_can_run(toy):
+    toy.register("slow", supports=lambda x: "never")(lambda x: "slow")
+    with pytest.raises(BackendError, match="no backend can run these inputs(.|\n)*slow \\(priority 0\\): never"):
+        toy(X32)
+
+
+def test_choice_is_logged_once(toy, caplog):
+    with caplog.at_level(logging.INFO, logger="kernels"):
+        for _ in range(3):
+            toy(X64)
+        toy(X64, backend="slow")
+        toy(X64, backend="slow")
+    lines = [r.getMessage() for r in caplog.records if r.name == "kernels"]
+    assert lines == ["toy: using backend 'fast'", "toy: using backend 'slow' (pinned)"]
+
+
+def test_probe_runs_once_and_a_crashing_probe_means_unavailable(toy):
+    calls = []
+
+    def probe():
+        calls.append(1)
+        raise ImportError("broken install")
+
+    toy.register("flaky", priority=30, available=probe)(lambda x: "flaky")
+    assert toy(X64) == "fast" and toy(X64) == "fast"
+    assert len(calls) == 1
+    assert toy.reasons(X64)["flaky"] == "probe failed: ImportError: broken install"
+
+
+# ---------------------------------------------------------------- a user's own attention backend
+@pytest.fixture
+def restore_attention():
+    saved, ranked = dict(attention.backends), list(attention._ranked)
+    yield
+    attention.backends.clear()
+    attention.backends.update(saved)
+    attention._ranked = ranked
+
+
+def test_user_registers_an_attention_backend_with_one_decorator(restore_attention):
+    calls = []
+
+    @attention.register("mine", priority=100,
+                        supports=lambda q, k, v, **kw: None if q.shape[-1] <= 64 else "head dim > 64")
+    def my_attention(q, k, v, **kw):
+        calls.append(q.shape)
+        return kernels.get_op("attention").backends["reference"].fn(q, k, v, **kw)
+
+    q = torch.randn(1, 4, 2, 8)
+    assert attention.select(q, q, q).name == "mine"
+    attention(q, q, q)
+    assert calls == [q.shape]
+    big = torch.randn(1, 4, 2, 128)
+    assert attention.select(big, big, big).name != "mine"  # declined: the next in priority runs
+
+
+# ---------------------------------------------------------------- the attention op's built-in backends
+def test_attention_backends_ranked():
+    names = list(attention.reasons(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)))
+    assert names[-2:] == ["sdpa", "reference"]
+    assert attention.backends["sdpa"].priority > attention.backends["reference"].priority
+
+
+def test_sdpa_declines_mixed_dtypes():
+    q = torch.randn(1, 3, 2, 8)
+    assert "share a dtype" in attention.backends["sdpa"].reason(q, q.double(), q)
+    assert attention.select(q, q.double(), q).name == "reference"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_xformers_unavailable_without_cuda():
+    q = torch.randn(1, 3, 2, 8)
+    expected = "needs CUDA" if kernels.dispatch.module_probe("xformers")() is None else "xformers not installed"
+    assert attention.reasons(q, q, q)["xformers"] == expected
+    assert attention.select(q, q, q).name != "xformers"
+    with pytest.raises(BackendError) as err:
+        attention(q, q, q, backend="xformers")
+    msg = str(err.value)
+    assert f"pinned backend 'xformers' cannot run ({expected})" in msg
+    for name, backend in attention.backends.items():
+        assert f"- {name} (priority {backend.priority}): {backend.reason(q, q, q) or 'ok'}" in msg
+
+
+# ---------------------------------------------------------------- xformers backend logic, on CPU
+def memory_efficient_attention_equivalent(query, key, value, attn_bias=None, scale=None):
+    """xformers' documented PyTorch equivalent of memory_efficient_attention, with its 5-D GQA layout
+    ([B, M, G, H, K], k/v expanded with stride 0) and its attention biases materialized."""
+    grouped = query.ndim == 5
+    if grouped:
+        assert key.stride(3) == 0 and value.stride(3) == 0, "xformers GQA expects expanded k/v"
+        G = query.shape[2]
+        query, key, value = (t.flatten(2, 3) for t in (query, key, value))
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    attn = (q * scale) @ k.transpose(-2, -1)
+    if attn_bias is not None:
+        attn = attn + attn_bias.materialize(attn.shape, dtype=attn.dtype, device=attn.device)
+    out = (attn.softmax(-1) @ v).transpose(1, 2)
+    return out.unflatten(2, (G, -1)) if grouped else out
+
+
+XFORMERS_CASES = {
+    "causal": dict(B=2, Tq=7, S=7, H=4, Hkv=2),
+    "one-query": dict(B=2, Tq=1, S=9, H=2, Hkv=2),
+    "bottom-right": dict(B=2, Tq=3, S=10, H=4, Hkv=1),
+    "window": dict(B=2, Tq=11, S=11, H=2, Hkv=2, window=4),
+    "window-bottom-right": dict(B=1, Tq=4, S=12, H=4, Hkv=2, window=3),
+    "packed": dict(B=1, Tq=13, S=13, H=4, Hkv=2, cu=[0, 5, 6, 13]),
+    "packed-suffix": dict(B=1, Tq=4, S=13, H=2, Hkv=2, cu=[0, 5, 6, 10, 13]),  # first segments unseen
+    "packed-window": dict(B=1, Tq=13, S=13, H=2, Hkv=1, cu=[0, 7, 8, 13], window=3),
+    "left-padded": dict(B=3, Tq=3, S=8, H=2, Hkv=2, padded=[8, 2, 5]),
+}
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+@pytest.mark.parametrize("name", list(XFORMERS_CASES))
+def test_xformers_backend_logic_on_cpu(name, grad, monkeypatch):
+    """The xformers backend's layout and biases, run through xformers' documented equivalent: equal
+    to the reference (GPU kernels are checked by the conformance suite where CUDA is present)."""
+    fmha = pytest.importorskip("xformers.ops.fmha")
+    monkeypatch.setattr(pytest.importorskip("xformers.ops"), "memory_efficient_attention",
+                        memory_efficient_attention_equivalent)
+    c = XFORMERS_CASES[name]
+    assert fmha.attn_bias.BlockDiagonalCausalFromBottomRightMask  # the bias types the backend uses exist
+    B, Tq, S, H, Hkv, d = c["B"], c["Tq"], c["S"], c["H"], c["Hkv"], 8
+    kw = {}
+    if "window" in c:
+        kw["window"] = c["window"]
+    if "cu" in c:
+        kw["seq_idx"] = seq_idx_from_cu_seqlens(torch.tensor(c["cu"])).expand(B, S)
+    if "padded" in c:
+        kw["seq_idx"] = seq_idx_from_padding(torch.tensor(c["padded"]), S)
+    q, k, v = (torch.randn(B, n, h, d, dtype=torch.float64, requires_grad=grad)
+               for n, h in ((Tq, H), (S, Hkv), (S, Hkv)))
+    with torch.set_grad_enabled(grad):
+        got = attention.backends["xformers"].fn(q, k, v, **kw)
+        want = attention.backends["reference"].fn(q, k, v, **kw)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    if grad:
+        cot = torch.randn_like(want)
+        g = torch.autograd.grad((got * cot).sum(), (q, k, v))
+        w = torch.autograd.grad((want * cot).sum(), (q, k, v))
+        for a, b in zip(g, w):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_xformers_rejects_non_contiguous_segments():
+    from kernels.attention.xformers import _blocks
+
+    with pytest.raises(ValueError, match="row 0: segments must be contiguous"):
+        _blocks(torch.tensor([[0, 0, 1, 0]]), 4)
