@@ -18,26 +18,10 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from blocks.mixer import DecodeState, Mixer
+from blocks.mixer import DecodeState, Mixer, check_backends
 from blocks.rope import RotaryEmbedding
 from kernels.attention import attention
-from kernels.dispatch import AUTO, OPS, BackendError
 from kernels.packing import segment_positions
-
-
-def check_backends(mixer: str, backends: dict[str, str] | None, uses: tuple[str, ...]) -> dict[str, str]:
-    """Validate a per-layer `backends` dict (op name -> backend name) -> {op: backend} for every op in `uses`."""
-    backends = dict(backends or {})
-    for op, name in backends.items():
-        if op not in OPS:
-            raise ValueError(f"backends: unknown op {op!r}; valid ops: {', '.join(sorted(OPS))}")
-        if op not in uses:
-            raise ValueError(f"backends: {mixer} does not call op {op!r}; it calls: {', '.join(uses)}")
-        try:
-            OPS[op].check_name(name)
-        except BackendError as e:
-            raise ValueError(f"backends[{op!r}]: {e}") from None
-    return {op: backends.get(op, AUTO) for op in uses}
 
 
 @dataclass

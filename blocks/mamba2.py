@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from blocks.mixer import DecodeState, Mixer
+from blocks.mixer import DecodeState, Mixer, check_backends
 from blocks.norms import GatedRMSNorm
-from kernels import OPS, BackendError
 from kernels.ssd import ssd
 
 
@@ -34,22 +33,6 @@ class Mamba2State(DecodeState):
     conv: Tensor  # (B, conv_kernel - 1, conv_dim) the last conv inputs, oldest first
     conv_seq: Tensor  # (B, conv_kernel - 1) int64 their segment ids
     ssm: Tensor  # (B, heads, head_dim, state_dim)
-
-
-def check_backends(mixer: str, backends: dict[str, str] | None, used: tuple[str, ...]) -> dict[str, str]:
-    """Validate a per-layer `backends` pin dict against the registered ops -> {op: backend} for `used`."""
-    backends = dict(backends or {})
-    for op_name, name in backends.items():
-        if op_name not in OPS:
-            raise ValueError(f"{mixer}: backends names unknown op {op_name!r}; valid ops: {', '.join(sorted(OPS))}")
-        if op_name not in used:
-            raise ValueError(f"{mixer}: backends names op {op_name!r}, which this mixer does not call; "
-                             f"it calls: {', '.join(used)}")
-        try:
-            OPS[op_name].check_name(name)
-        except BackendError as e:
-            raise ValueError(f"{mixer}: backends[{op_name!r}]: {e}") from None
-    return {op_name: backends.get(op_name, "auto") for op_name in used}
 
 
 class Mamba2(Mixer):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor, nn
 
+from kernels.dispatch import AUTO, OPS, BackendError
 from kernels.packing import segment_positions
 
 
@@ -104,3 +105,21 @@ class Mixer(nn.Module):
     def state_numbers_per_token(self) -> int | None:
         """Numbers the decoding state grows by per token (None for constant-size states)."""
         return None
+
+
+def check_backends(mixer: str, backends: dict[str, str] | None, uses: tuple[str, ...]) -> dict[str, str]:
+    """Validate a per-layer `backends` pin dict (op name -> backend name) -> {op: backend} for every op in `uses`.
+
+    Unknown ops, ops this mixer does not call and unknown backend names raise ValueError listing the valid ones.
+    """
+    backends = dict(backends or {})
+    for op, name in backends.items():
+        if op not in OPS:
+            raise ValueError(f"{mixer}: backends names unknown op {op!r}; valid ops: {', '.join(sorted(OPS))}")
+        if op not in uses:
+            raise ValueError(f"{mixer}: backends names op {op!r}, which this mixer does not call; it calls: {', '.join(uses)}")
+        try:
+            OPS[op].check_name(name)
+        except BackendError as e:
+            raise ValueError(f"{mixer}: backends[{op!r}]: {e}") from None
+    return {op: backends.get(op, AUTO) for op in uses}

@@ -178,7 +178,7 @@ def test_constructor_errors_name_the_argument():
         Attention(16, window=0)
     with pytest.raises(ValueError, match="unknown op 'atention'.*attention"):
         Attention(16, backends={"atention": "sdpa"})
-    with pytest.raises(ValueError, match="does not call op 'ssd'"):
+    with pytest.raises(ValueError, match="op 'ssd', which this mixer does not call"):
         Attention(16, backends={"ssd": "reference"})
     with pytest.raises(ValueError, match=r"backends\['attention'\]: unknown backend 'spda'.*valid: auto, .*sdpa"):
         Attention(16, backends={"attention": "spda"})
