@@ -65,7 +65,7 @@ class Mamba2(Mixer):
                              f"num_groups={num_groups}")
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"Mamba2: need 0 < dt_min <= dt_max; got dt_min={dt_min}, dt_max={dt_max}")
-        self.ops = check_backends("Mamba2", backends, used=("ssd",))
+        self.ops = check_backends("Mamba2", backends, uses=("ssd",))
 
         self.dim, self.d_inner, self.num_heads, self.head_dim = dim, d_inner, heads, head_dim
         self.state_dim, self.num_groups, self.conv_kernel, self.chunk_size = state_dim, num_groups, conv_kernel, chunk_size
