@@ -16,10 +16,9 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from blocks.mixer import DecodeState, Mixer
+from blocks.mixer import DecodeState, Mixer, check_backends
 from blocks.rope import RotaryEmbedding
 from kernels.attention import attention
-from kernels.dispatch import OPS, BackendError
 from kernels.feedback_solve import feedback_solve
 from kernels.packing import segment_positions
 
@@ -65,16 +64,7 @@ class Sessa(Mixer):
             raise ValueError(f"rope=True needs an even head dim; dim={dim} / num_heads={num_heads} = {head_dim}")
         if not 0.0 < gamma_max < 1.0:
             raise ValueError(f"gamma_max must lie in (0, 1); got gamma_max={gamma_max}")
-        self.ops = {"attention": "auto", "feedback_solve": "auto"} if feedback else {"attention": "auto"}
-        for op, backend in (backends or {}).items():
-            if op not in self.ops:
-                raise ValueError(f"backends: unknown op {op!r} for Sessa(feedback={feedback}); valid: {', '.join(self.ops)}")
-            try:
-                OPS[op].check_name(backend)
-            except BackendError as e:
-                raise ValueError(f"backends[{op!r}]: {e}") from None
-            self.ops[op] = backend
-
+        self.ops = check_backends("Sessa", backends, uses=("attention", "feedback_solve") if feedback else ("attention",))
         self.dim, self.num_heads, self.num_kv_heads, self.head_dim = dim, num_heads, num_kv_heads, head_dim
         self.gamma_max, self.feedback = float(gamma_max), feedback
         kv_dim = num_kv_heads * head_dim

@@ -309,8 +309,9 @@ def test_reorder_state():
     (dict(dim=12, num_heads=4), "head dim"),
     (dict(dim=16, gamma_max=1.0), "gamma_max"),
     (dict(dim=16, gamma_max=0.0), "gamma_max"),
-    (dict(dim=16, backends={"ssd": "reference"}), "valid: attention, feedback_solve"),
-    (dict(dim=16, feedback=False, backends={"feedback_solve": "reference"}), "valid: attention"),
+    (dict(dim=16, backends={"ssd": "reference"}), "it calls: attention, feedback_solve"),
+    (dict(dim=16, backends={"nope": "reference"}), "unknown op 'nope'; valid ops: attention, feedback_solve"),
+    (dict(dim=16, feedback=False, backends={"feedback_solve": "reference"}), "it calls: attention$"),
 ])
 def test_constructor_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
