@@ -9,6 +9,7 @@ from blocks.attention import Attention
 from blocks.gated_block import GatedBlock
 from blocks.residual_block import ResidualBlock
 from blocks.sessa import Sessa
+from zoo.cache import StackCache
 from zoo.models import CausalLM, SequenceClassifier
 from zoo.stack import Stack
 
@@ -82,8 +83,8 @@ def test_prefill_then_decode_equals_full_forward():
     model = lm("SAMN", num_layers=4)
     tokens = torch.randint(V, (2, 9))
     full = model(tokens)
-    states = model.allocate_states(2, 9)
-    steps = [model(tokens[:, :5], states=states)] + [model(tokens[:, t:t + 1], states=states) for t in range(5, 9)]
+    cache = StackCache.allocate(model, 2, 9)
+    steps = [model(tokens[:, :5], cache=cache)] + [model(tokens[:, t:t + 1], cache=cache) for t in range(5, 9)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-8, atol=1e-8)
 
 
@@ -119,7 +120,7 @@ def test_stack_validation():
         Stack(0, "S")
     with pytest.raises(ValueError, match=r"x must be \(B, T, 32\)"):
         Stack(D, "S")(torch.randn(2, 3, 16))
-    with pytest.raises(ValueError, match="states must hold one state per layer"):
-        Stack(D, "SA")(torch.randn(1, 3, D), states=[])
+    with pytest.raises(ValueError, match="cache holds 1 layer states but the stack has 2 layers"):
+        Stack(D, "SA")(torch.randn(1, 3, D), cache=StackCache.allocate(Stack(D, "S"), 1, 3))
     with pytest.raises(ValueError, match="stack has width 16 but the model has dim=32"):
         CausalLM(V, D, Stack(16, "S"))

@@ -12,14 +12,14 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from blocks.mixer import DecodeState
 from kernels.packing import seq_idx_from_cu_seqlens
+from zoo.cache import StackCache
 from zoo.stack import Stack
 
 
@@ -73,12 +73,13 @@ class CausalLM(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=ln_eps)
 
     def forward(self, tokens: Tensor, *, seq_idx: Tensor | None = None, cu_seqlens: Tensor | None = None,
-                states: Sequence[DecodeState] | None = None) -> Tensor:
+                cache: StackCache | None = None) -> Tensor:
         """tokens (B, T) long -> logits (B, T, V).
 
         seq_idx (B, T) long: segment ids (packing, left padding; kernels.packing).
         cu_seqlens (N + 1,): packed documents in one row (B must be 1); exclusive with seq_idx.
-        states: one decoding state per layer (allocate_states); tokens are then the new tokens only.
+        cache: decoding cache (zoo.cache.StackCache.allocate(model, ...)), advanced in place; tokens
+            and seq_idx are then the new tokens only.
         """
         check_tokens(tokens, self.vocab_size)
         if cu_seqlens is not None:
@@ -88,13 +89,8 @@ class CausalLM(nn.Module):
                 raise ValueError(f"cu_seqlens packs documents into one row: tokens must be (1, T); got {tuple(tokens.shape)}")
             seq_idx = seq_idx_from_cu_seqlens(cu_seqlens.to(tokens.device), tokens.shape[1])
         _check_seq_idx(seq_idx, tuple(tokens.shape))
-        h = self.stack(self.embed(tokens), seq_idx=seq_idx, states=states)
+        h = self.stack(self.embed(tokens), seq_idx=seq_idx, cache=cache)
         return F.linear(self.norm(h), self.embed.weight)
-
-    def allocate_states(self, batch_size: int, max_len: int, device: torch.device | str | None = None,
-                        dtype: torch.dtype | None = None) -> list[DecodeState]:
-        """Decoding states for every layer (see Stack.allocate_states)."""
-        return self.stack.allocate_states(batch_size, max_len, device=device, dtype=dtype)
 
     def example_inputs(self, batch_size: int = 1, seq_len: int = 8) -> tuple[tuple, dict]:
         """Random (args, kwargs) for a forward pass (used by zoo.summary)."""

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from blocks.mixer import DecodeState, Mixer
 from kernels.dispatch import AUTO, OPS
+from zoo.cache import StackCache
 from zoo.registry import REGISTRY
 
 BlockFactory = Callable[[int], nn.Module]
@@ -107,20 +108,24 @@ class Stack(nn.Module):
                     if module.ops.get(op) == AUTO:
                         module.ops[op] = name
 
-    def forward(self, x: Tensor, *, seq_idx: Tensor | None = None, states: Sequence[DecodeState] | None = None) -> Tensor:
-        """x (B, T, D) -> (B, T, D). seq_idx (B, T) segment ids; `states` one decoding state per layer
-        (from allocate_states), advanced in place; with states, seq_idx covers the new tokens only."""
+    def forward(self, x: Tensor, *, seq_idx: Tensor | None = None, cache: StackCache | None = None) -> Tensor:
+        """x (B, T, D) -> (B, T, D). seq_idx (B, T) segment ids; `cache` (zoo.cache.StackCache) is
+        advanced in place; with a cache, x and seq_idx cover the new tokens only."""
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be (B, T, {self.dim}); got {tuple(x.shape)}")
-        if states is not None and len(states) != len(self.layers):
-            raise ValueError(f"states must hold one state per layer ({len(self.layers)}); got {len(states)}")
+        if cache is not None:
+            if not isinstance(cache, StackCache):
+                raise TypeError(f"cache must be a StackCache (StackCache.allocate(model, ...)); got {type(cache).__name__}")
+            if cache.num_layers != len(self.layers):
+                raise ValueError(f"cache holds {cache.num_layers} layer states but the stack has {len(self.layers)} layers")
+            cache.check(x.shape[0], x.shape[1])
         for i, layer in enumerate(self.layers):
-            x = layer(x, seq_idx=seq_idx, state=None if states is None else states[i])
+            x = layer(x, seq_idx=seq_idx, state=None if cache is None else cache.states[i])
         return x
 
     def allocate_states(self, batch_size: int, max_len: int, device: torch.device | str | None = None,
                         dtype: torch.dtype | None = None) -> list[DecodeState]:
-        """One fresh decoding state per layer, in layer order."""
+        """One fresh decoding state per layer, in layer order (zoo.cache.StackCache.allocate wraps them)."""
         return [layer.allocate_state(batch_size, max_len, device=device, dtype=dtype) for layer in self.layers]
 
     def example_inputs(self, batch_size: int = 1, seq_len: int = 8) -> tuple[tuple, dict]:
