@@ -1,0 +1,171 @@
+"""Sweeps: variants (lists of gin files) x seeds, trained one after another, then one markdown
+table (mean ± std over seeds of every final metric, parameters, tokens/s) and one comparison plot.
+
+    spec = SweepSpec(variants={"sessa": ["experiments/paper_comparison/symbol_soup_sessa.gin"], ...},
+                     seeds=[0, 1, 2])
+    tools/sweep.py drives it (run folders: <out>/<variant>/seed<k>/); this module holds the
+    plain parts: the spec, collecting finished runs, the table and the plot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from zoo.train.run_dir import read_final, read_metrics
+
+SUMMARY_KEYS = ("parameters", "tokens_per_s")
+
+
+@dataclass
+class SweepSpec:
+    """variants: name -> gin files (applied in order, after `gin_files`); seeds: TrainConfig.seed
+    values; gin_files / gin_params: shared by every run (gin_params applied last).
+    metric: the validation/test metric the plot compares (None: the task's first metric)."""
+
+    variants: dict[str, list[str]] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    gin_files: list[str] = field(default_factory=list)
+    gin_params: list[str] = field(default_factory=list)
+    metric: str | None = None
+
+    def __post_init__(self):
+        if not self.variants:
+            raise ValueError("a sweep needs at least one variant (SweepSpec.variants = {'name': ['file.gin'], ...})")
+        self.variants = {str(k): [v] if isinstance(v, str) else list(v) for k, v in self.variants.items()}
+        self.seeds = [int(s) for s in self.seeds]
+        if not self.seeds:
+            raise ValueError("a sweep needs at least one seed")
+
+
+def run_folder(out: str | Path, variant: str, seed: int) -> Path:
+    return Path(out) / variant / f"seed{seed}"
+
+
+def collect(out: str | Path, spec: SweepSpec) -> list[dict]:
+    """Finished runs of the sweep: {"variant", "seed", "final", "curve"} each."""
+    results = []
+    for variant in spec.variants:
+        for seed in spec.seeds:
+            folder = run_folder(out, variant, seed)
+            if (folder / "final_metrics.json").exists():
+                results.append({"variant": variant, "seed": seed, "final": read_final(folder),
+                                "curve": [r for r in read_metrics(folder) if r.get("split") == "validation"]})
+    return results
+
+
+def _flatten(final: dict) -> dict[str, float]:
+    """{"test": {"accuracy": a}, "parameters": p, ...} -> {"test accuracy": a, "parameters": p, ...}."""
+    flat = {k: final[k] for k in SUMMARY_KEYS if isinstance(final.get(k), (int, float))}
+    for split in ("test", "validation"):
+        for name, value in final.get(split, {}).items():
+            flat[f"{split} {name}"] = value
+    return flat
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    m = sum(values) / len(values)
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, s
+
+
+def _fmt(name: str, m: float, s: float, n: int) -> str:
+    if name == "parameters":
+        return f"{m:,.0f}"
+    if name == "tokens_per_s":
+        return f"{m:,.0f}" + (f" ± {s:,.0f}" if n > 1 else "")
+    return f"{m:.4f}" + (f" ± {s:.4f}" if n > 1 else "")
+
+
+def table(results: list[dict]) -> str:
+    """Markdown table: one row per variant, mean ± std over its seeds of every final metric."""
+    if not results:
+        return "(no finished runs)"
+    by_variant: dict[str, list[dict[str, float]]] = {}
+    for r in results:
+        by_variant.setdefault(r["variant"], []).append(_flatten(r["final"]))
+    columns: list[str] = list(SUMMARY_KEYS)
+    for rows in by_variant.values():
+        for row in rows:
+            columns += [k for k in row if k not in columns]
+    lines = ["| variant | seeds | " + " | ".join(c.replace("_", " ") for c in columns) + " |",
+             "|---" * (len(columns) + 2) + "|"]
+    for variant, rows in by_variant.items():
+        cells = []
+        for c in columns:
+            values = [row[c] for row in rows if c in row and not math.isnan(row[c])]
+            cells.append(_fmt(c, *mean_std(values), len(values)) if values else "")
+        lines.append(f"| {variant} | {len(rows)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def primary_metric(results: list[dict], metric: str | None) -> str:
+    """The compared metric: `metric`, else the first non-loss metric of the validation records."""
+    if metric:
+        return metric
+    for r in results:
+        for name in r["final"].get("test", r["final"].get("validation", {})):
+            if name != "loss":
+                return name
+    return "loss"
+
+
+def plot(results: list[dict], path: str | Path, metric: str | None = None, title: str = "") -> Path:
+    """One figure: validation curves of `metric` per variant (mean over seeds, min-max band) and the
+    final test (else validation) value per variant (mean ± std over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    metric = primary_metric(results, metric)
+    variants = list(dict.fromkeys(r["variant"] for r in results))
+    fig, (ax_curve, ax_bar) = plt.subplots(1, 2, figsize=(11, 4))
+    finals = []
+    for i, variant in enumerate(variants):
+        runs = [r for r in results if r["variant"] == variant]
+        curves = [{p["step"]: p[metric] for p in r["curve"] if metric in p} for r in runs]
+        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        if steps:
+            values = np.array([[c[s] for s in steps] for c in curves])
+            color = f"C{i}"
+            ax_curve.plot(steps, values.mean(0), "o-", ms=3, color=color, label=variant)
+            if len(runs) > 1:
+                ax_curve.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.2)
+        split = "test" if all("test" in r["final"] for r in runs) else "validation"
+        vals = [r["final"][split][metric] for r in runs if metric in r["final"].get(split, {})]
+        finals.append((variant, split, *mean_std(vals)) if vals else (variant, split, float("nan"), 0.0))
+    ax_curve.set_xlabel("step")
+    ax_curve.set_ylabel(f"validation {metric}")
+    ax_curve.grid(alpha=0.3)
+    ax_curve.legend()
+    x = np.arange(len(finals))
+    ax_bar.bar(x, [f[2] for f in finals], yerr=[f[3] for f in finals], color=[f"C{i}" for i in range(len(finals))],
+               capsize=4)
+    ax_bar.set_xticks(x, [f[0] for f in finals])
+    ax_bar.set_ylabel(f"final {finals[0][1] if finals else ''} {metric}")
+    ax_bar.grid(alpha=0.3, axis="y")
+    for xi, f in zip(x, finals):
+        ax_bar.annotate(f"{f[2]:.3f}", (xi, f[2]), ha="center", va="bottom", fontsize=8)
+    fig.suptitle(title or f"{metric} (mean over seeds)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_summary(out: str | Path, spec: SweepSpec, title: str = "") -> tuple[str, Path]:
+    """Collect the finished runs, write sweep.md, results.json and comparison.png under `out`."""
+    out = Path(out)
+    results = collect(out, spec)
+    md = table(results)
+    (out / "sweep.md").write_text((f"# {title}\n\n" if title else "") + md + "\n")
+    (out / "results.json").write_text(json.dumps([{k: r[k] for k in ("variant", "seed", "final")} for r in results],
+                                                 indent=2) + "\n")
+    return md, plot(results, out / "comparison.png", spec.metric, title)
