@@ -1,0 +1,86 @@
+"""Explicit constructions: set a model's weights so a mixer's routing is known in closed form.
+
+    model = explicit_construction(CausalLM(...), uniform_routing=True, gain=0.5)
+    # every Sessa layer: q_b = k_b = 0, so alpha_{t,j} = 1/t, and gamma_t = 0.5 for every token
+
+    build_model.model = @explicit_construction        # gin (import zoo.probes.configurables)
+    explicit_construction.model = @CausalLM
+    explicit_construction.gain = 0.5
+
+What each option sets and what the theory predicts (/work/shared/design/sessa.md):
+  * uniform_routing: Sessa's feedback projection (proj_fb weight and bias) is zero, so q_b = k_b = 0
+    and alpha_{t,j} = 1/t over the strict past (c2 = max t * alpha = 1).
+  * gain: Sessa's gain is the constant gain: gamma_ctx.weight = 0 and
+    gamma_bias = atanh(gain / gamma_max). With uniform routing the kernel
+    [(I - B_fb)^-1]_{tau + l, tau} decays as l^-(1 - gain).
+  * uniform_attention: attention layers' query projection is zero, so every score is 0 and a query
+    at t averages the values at j <= t: the influence of x_tau on y_t is proportional to 1/(t + 1).
+  * mamba2_step, mamba2_decay: Mamba-2 layers get the fixed step dt = mamba2_step (dt rows of
+    in_proj zero, dt_bias = softplus^-1(step)) and A = -mamba2_decay in every head, so the state
+    forgets by exp(-decay * step) per token: exponential decay in the lag.
+
+The weights stay trainable; the construction is a starting point for probes, not a constraint.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from blocks.attention import Attention
+from blocks.mamba2 import Mamba2
+from blocks.sessa import Sessa
+
+
+def feedback_layers(model: nn.Module) -> list[tuple[str, Sessa]]:
+    """(module name, mixer) of every Sessa mixer with a feedback branch in `model`, in order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, Sessa) and m.feedback]
+
+
+@torch.no_grad()
+def explicit_construction(model: nn.Module | Callable[[], nn.Module], uniform_routing: bool = False,
+                          gain: float | None = None, uniform_attention: bool = False,
+                          mamba2_step: float | None = None, mamba2_decay: float = 1.0) -> nn.Module:
+    """Apply the constructions in the module docstring to every matching mixer of `model` (a module,
+    or a factory called first, as gin passes `@CausalLM`). Returns the model, changed in place.
+    Options without a matching mixer are skipped (one config serves layouts 'S', 'A', 'M', ...).
+
+    Raises ValueError naming the option when it is out of range, or when nothing matched at all."""
+    if not (uniform_routing or gain is not None or uniform_attention or mamba2_step is not None):
+        raise ValueError("explicit_construction: set at least one of uniform_routing, gain, uniform_attention, "
+                         "mamba2_step")
+    model = model if isinstance(model, nn.Module) else model()
+    changed = 0
+    if uniform_routing or gain is not None:
+        for _, mixer in feedback_layers(model):
+            if uniform_routing:
+                mixer.proj_fb.weight.zero_()
+                mixer.proj_fb.bias.zero_()
+            if gain is not None:
+                if not abs(gain) < mixer.gamma_max:
+                    raise ValueError(f"explicit_construction: gain must satisfy |gain| < gamma_max={mixer.gamma_max}; "
+                                     f"got gain={gain}")
+                mixer.gamma_ctx.weight.zero_()
+                mixer.gamma_bias.fill_(math.atanh(gain / mixer.gamma_max))
+            changed += 1
+    if uniform_attention:
+        for mixer in (m for m in model.modules() if isinstance(m, Attention)):
+            mixer.q_proj.weight.zero_()
+            changed += 1
+    if mamba2_step is not None:
+        if not (mamba2_step > 0 and mamba2_decay > 0):
+            raise ValueError(f"explicit_construction: mamba2_step and mamba2_decay must be > 0; "
+                             f"got mamba2_step={mamba2_step}, mamba2_decay={mamba2_decay}")
+        for mixer in (m for m in model.modules() if isinstance(m, Mamba2)):
+            mixer.in_proj.weight[-mixer.num_heads:].zero_()  # the dt rows (in_proj -> z, xBC, dt)
+            mixer.dt_bias.fill_(mamba2_step + math.log(-math.expm1(-mamba2_step)))  # softplus^-1
+            mixer.A_log.fill_(math.log(mamba2_decay))
+            changed += 1
+    if not changed:
+        raise ValueError(f"explicit_construction: {type(model).__name__} has no layer the requested options act on "
+                         "(Sessa with feedback for uniform_routing / gain, Attention for uniform_attention, Mamba2 "
+                         "for mamba2_step)")
+    return model
