@@ -336,3 +336,19 @@ def test_pinned_backends_are_used():
         block(x, state=state)
         block(x[:, :1], state=state)
     assert choices and set(choices) == {("attention", "reference"), ("feedback_solve", "reference")}
+
+
+def test_decode_benchmark_runs(capsys):
+    import argparse
+
+    from zoo.bench import decode as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    threads = torch.get_num_threads()
+    try:
+        bench.run(parser.parse_args(f"--batch 2 --dim 16 --heads 2 --prefill 5 --steps 3 --repeats 1 --threads {threads}".split()))
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "attention" in out and "sessa" in out and "1.00x" in out

@@ -1,8 +1,9 @@
 """Decoding throughput (tokens/s): GatedBlock(Sessa) vs GatedBlock(Attention) at the same width.
 
 Each block prefills a random prompt into a fresh state, then decodes single tokens; the table gives
-prefill time, decode tokens/s (batch x steps / time) and the ratio to attention, best of --repeats
-runs (the models alternate, so both see the same machine load). Defaults: B=4, D=256, 4 heads,
+prefill time, decode tokens/s (batch x steps / time) and the ratio to attention. The models
+alternate over --repeats runs; a prefill counts its fastest run and the decode time sums, step by
+step, the fastest run of each step (robust to a busy machine preempting single steps). Defaults: B=4, D=256, 4 heads,
 prefill 512, 256 steps, float32, 2 threads, under torch.inference_mode.
 
     python tools/bench.py decode
@@ -54,19 +55,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_decode(block: GatedBlock, prompt: torch.Tensor, steps: torch.Tensor) -> tuple[float, float]:
-    """prompt (B, P, D), steps (N, B, 1, D) -> (prefill seconds, decode seconds) on a fresh state."""
+def time_decode(block: GatedBlock, prompt: torch.Tensor, steps: torch.Tensor) -> tuple[float, list[float]]:
+    """prompt (B, P, D), steps (N, B, 1, D) -> (prefill seconds, seconds of each step) on a fresh state."""
     device = prompt.device
     state = block.allocate_state(prompt.shape[0], prompt.shape[1] + steps.shape[0])
     _sync(device)
     start = time.perf_counter()
     block(prompt, state=state)
     _sync(device)
-    prefilled = time.perf_counter()
+    prefill = time.perf_counter() - start
+    times = []
     for x in steps:
+        start = time.perf_counter()
         block(x, state=state)
-    _sync(device)
-    return prefilled - start, time.perf_counter() - prefilled
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return prefill, times
 
 
 def run(args: argparse.Namespace) -> None:
@@ -83,23 +87,28 @@ def run(args: argparse.Namespace) -> None:
     prompt = torch.randn(B, args.prefill, D, device=device, dtype=dtype)
     steps = torch.randn(args.steps, B, 1, D, device=device, dtype=dtype)
 
-    best = {name: (float("inf"), float("inf")) for name in models}
+    prefill = {name: float("inf") for name in models}
+    step_times = {name: [float("inf")] * args.steps for name in models}
     with torch.inference_mode(), use_backends(**_pins(args.backends)), record_choices() as choices:
         for name, m in models.items():  # warm-up (lazy init, backend choice logging)
             time_decode(m, prompt[:, :8], steps[:4])
         for _ in range(args.repeats):
             for name, m in models.items():
-                pre, dec = time_decode(m, prompt, steps)
-                best[name] = (min(best[name][0], pre), min(best[name][1], dec))
+                pre, times = time_decode(m, prompt, steps)
+                prefill[name] = min(prefill[name], pre)
+                step_times[name] = [min(a, b) for a, b in zip(step_times[name], times)]
+    decode = {name: sum(times) for name, times in step_times.items()}
 
     print(f"decode: B={B} D={D} heads={H} kv_heads={args.kv_heads or H} prefill={args.prefill} "
           f"steps={args.steps} {args.dtype} threads={args.threads} device={args.device} "
-          f"(best of {args.repeats})")
-    print(f"backends used: {', '.join(f'{op}={b}' for op, b in sorted(set(choices)))}")
-    base = B * args.steps / best["attention"][1]
+          f"(each step: fastest of {args.repeats} runs)")
+    used: dict[str, set[str]] = {}
+    for op, backend in choices:
+        used.setdefault(op, set()).add(backend)
+    print("backends used: " + "; ".join(f"{op}: {', '.join(sorted(b))}" for op, b in sorted(used.items())))
+    base = B * args.steps / decode["attention"]
     print(f"{'model':<10} {'prefill ms':>11} {'ms/step':>9} {'tokens/s':>10} {'vs attention':>13} {'cache/token':>12}")
     for name, m in models.items():
-        pre, dec = best[name]
-        tps = B * args.steps / dec
-        print(f"{name:<10} {1e3 * pre:>11.1f} {1e3 * dec / args.steps:>9.3f} {tps:>10.0f} {tps / base:>12.2f}x "
-              f"{m.mixer.state_numbers_per_token():>12}")
+        tps = B * args.steps / decode[name]
+        print(f"{name:<10} {1e3 * prefill[name]:>11.1f} {1e3 * decode[name] / args.steps:>9.3f} {tps:>10.0f} "
+              f"{tps / base:>12.2f}x {m.mixer.state_numbers_per_token():>12}")
