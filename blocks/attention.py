@@ -38,9 +38,7 @@ class AttentionState(DecodeState):
     segmented: bool = False  # some tokens came with explicit segment ids (else all are segment 0)
 
     def past(self, n: int) -> tuple[Tensor, Tensor]:
-        """The last n <= C stored steps in time order: k, v (B, n, Hkv, d)."""
-        if self.window is None or n == 0:
-            return self.k[:, self.length - n:self.length], self.v[:, self.length - n:self.length]
+        """Ring buffer only: the last n <= C stored steps in time order: k, v (B, n, Hkv, d)."""
         slots = torch.arange(self.length - n, self.length, device=self.k.device) % self.k.shape[1]
         return self.k.index_select(1, slots), self.v.index_select(1, slots)
 
@@ -112,11 +110,16 @@ class Attention(Mixer):
         seq_new, positions = state.begin(q, seq_idx)
         if self.rope is not None:
             q, k = self.rope(q, positions), self.rope(k, positions)
-        past = state.length if state.window is None else min(state.length, state.k.shape[1])
-        past_k, past_v = state.past(past)
-        keys = torch.cat([past_k.to(k.dtype), k], dim=1)
-        values = torch.cat([past_v.to(v.dtype), v], dim=1)
-        state.store(k, v)
+        if state.window is None:  # the cache holds every step: attend to a view of it, no copy
+            past = state.length
+            state.store(k, v)
+            keys, values = state.k[:, :past + T].to(k.dtype), state.v[:, :past + T].to(v.dtype)
+        else:  # a ring of the last window - 1 steps: gather them in time order
+            past = min(state.length, state.k.shape[1])
+            past_k, past_v = state.past(past)
+            keys = torch.cat([past_k.to(k.dtype), k], dim=1)
+            values = torch.cat([past_v.to(v.dtype), v], dim=1)
+            state.store(k, v)
         state.commit(seq_new, positions)
         kv_seq = state.past_seq_idx[:, state.length - past - T:] if state.segmented else None
         return attention(q, keys, values, window=self.window, seq_idx=kv_seq, backend=self.ops["attention"])
