@@ -82,6 +82,12 @@ FEEDBACK_CASES = [
     feedback_case(2, 40, 100),
     feedback_case(2, 3, 32, P=9, tags={"tiny"}),  # chunked prefill / decoding against a cache
     feedback_case(1, 21, 32, packed=[6, 1, 14], tags={"tiny", "packed"}),
+    # the chunked backend's block boundaries at its default C = 128: C - 1, C, C + 1, and several
+    # blocks with a cache and segments that start mid-block
+    feedback_case(1, 127, 16),
+    feedback_case(1, 128, 16),
+    feedback_case(1, 129, 16, Dk=8),
+    feedback_case(1, 300, 16, P=5, packed=[40, 1, 150, 114], tags={"packed"}),
 ]
 
 

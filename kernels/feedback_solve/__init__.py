@@ -66,4 +66,5 @@ def routing_weights(q: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
 
 
 from kernels.feedback_solve import reference  # noqa: E402,F401  (registers the backend)
+from kernels.feedback_solve import chunked  # noqa: E402,F401  (registers the backend)
 from kernels.feedback_solve import triton  # noqa: E402,F401  (registers the backend)

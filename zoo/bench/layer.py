@@ -1,0 +1,229 @@
+"""Training cost of one GatedBlock: Sessa (dense or chunked feedback solve) vs Attention, over T.
+
+Three models, the paper's wrapper around each mixer, forward branch on the `sdpa` attention backend:
+    attention      GatedBlock(Attention)                                  the baseline
+    sessa-dense    GatedBlock(Sessa), feedback_solve pinned to `reference` (T x T matrices)
+    sessa-chunked  GatedBlock(Sessa), feedback_solve pinned to `chunked`   (blocks of C tokens)
+Defaults: B=4, D=256, 4 heads, float32, 2 threads, T in 512 1024 2048 4096 8192.
+
+Time: inference forward (torch.no_grad) and a training step (forward + backward of y.sum(),
+parameter gradients included), best of --repeats; the models alternate inside every repeat so all
+see the same machine load. Ratios are to attention at the same T.
+
+Peak memory: each (model, T) runs once more in a fresh subprocess. Before the step it calls
+malloc_trim(0) (free heap pages go back to the OS, so resident memory = live memory), reads VmRSS,
+resets the kernel's high-water mark (`echo 5 > /proc/self/clear_refs`), runs one training step and
+reads VmHWM. Peak = VmHWM - VmRSS: every byte the step touched beyond the model and its input
+(activations, saved tensors, gradients, workspaces, allocator slack), as the OS sees it. Linux only.
+
+The dense reference is skipped ("over budget") when its estimated T x T buffers,
+DENSE_BUFFERS * B * T^2 * 4 bytes, exceed --dense-budget-gib.
+
+    python tools/bench.py layer
+    python tools/bench.py layer --T 512 2048 --plot layer.png
+    python tools/bench.py layer --chunk-sweep --T 1024 2048 4096     # picks chunked's default C
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import multiprocessing as mp
+import os
+import time
+from functools import partial
+
+import torch
+
+from blocks.attention import Attention
+from blocks.gated_block import GatedBlock
+from blocks.sessa import Sessa
+from kernels.feedback_solve import chunked
+
+MODELS = ("attention", "sessa-dense", "sessa-chunked")
+# Live (B, T, T) float32 buffers of the dense reference at the peak of a training step: measured
+# (peak(sessa-dense) - peak(sessa-chunked)) / (B T^2 4 bytes) = 7.1 at T = 2048 and 4096.
+DENSE_BUFFERS = 7
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--T", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192], help="sequence lengths")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dense-budget-gib", type=float, default=4.0,
+                        help="skip the dense reference when DENSE_BUFFERS * B * T^2 * 4 bytes exceed this")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG of time and memory against T")
+    parser.add_argument("--chunk-sweep", action="store_true",
+                        help="instead: time sessa-chunked for each --chunks size (pick the default C)")
+    parser.add_argument("--chunks", type=int, nargs="+", default=[32, 64, 128, 256, 512])
+
+
+def build(name: str, dim: int, heads: int) -> GatedBlock:
+    if name == "attention":
+        mixer = partial(Attention, num_heads=heads, backends={"attention": "sdpa"})
+    else:
+        solve = {"sessa-dense": "reference", "sessa-chunked": "chunked"}[name]
+        mixer = partial(Sessa, num_heads=heads, backends={"attention": "sdpa", "feedback_solve": solve})
+    return GatedBlock(dim, mixer)
+
+
+def train_step(model: GatedBlock, x: torch.Tensor) -> None:
+    model.zero_grad(set_to_none=True)
+    model(x).sum().backward()
+
+
+def dense_bytes(B: int, T: int) -> int:
+    return DENSE_BUFFERS * B * T * T * 4
+
+
+# ---------------------------------------------------------------- peak memory (one subprocess per point)
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _peak_worker(name: str, T: int, B: int, D: int, heads: int, threads: int, chunk: int, out: mp.Queue) -> None:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    chunked.set_chunk_size(chunk)
+    model = build(name, D, heads)
+    x = torch.randn(B, T, D)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident size
+    train_step(model, x)
+    out.put((_status_kib("VmHWM") - before) * 1024)
+
+
+def peak_bytes(name: str, T: int, args: argparse.Namespace, chunk: int) -> int:
+    """Peak extra resident bytes of one training step, measured in a fresh process."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    p = ctx.Process(target=_peak_worker, args=(name, T, args.batch, args.dim, args.heads, args.threads, chunk, out))
+    p.start()
+    result = out.get()
+    p.join()
+    return result
+
+
+# ---------------------------------------------------------------- time (in process, models alternating)
+def best_times(models: dict[str, GatedBlock], x: torch.Tensor, repeats: int) -> dict[str, tuple[float, float]]:
+    """{name: (forward seconds, training-step seconds)}, best of `repeats`, models interleaved."""
+    for m in models.values():  # warm-up
+        train_step(m, x)
+    best = {n: (float("inf"), float("inf")) for n in models}
+    for _ in range(repeats):
+        for n, m in models.items():
+            start = time.perf_counter()
+            with torch.no_grad():
+                m(x)
+            mid = time.perf_counter()
+            train_step(m, x)
+            end = time.perf_counter()
+            best[n] = (min(best[n][0], mid - start), min(best[n][1], end - mid))
+    return best
+
+
+def _load() -> str:
+    """The machine's load average (timings are only comparable on an otherwise idle machine)."""
+    return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.0f}"
+
+
+def run_layer(args: argparse.Namespace) -> None:
+    C = chunked.get_chunk_size()
+    print(f"layer: GatedBlock fwd / fwd+bwd, B={args.batch} D={args.dim} heads={args.heads} float32 "
+          f"threads={args.threads}, chunked C={C}, best of {args.repeats}; peak = extra resident MiB of one "
+          f"training step (fresh process); {_load()}")
+    head = f"{'T':>5} {'model':<14} {'fwd ms':>8} {'x attn':>7} {'fwd+bwd ms':>11} {'x attn':>7} {'peak MiB':>9} {'x attn':>7}"
+    print(head)
+    rows = []
+    for T in args.T:
+        names = [n for n in MODELS if n != "sessa-dense" or dense_bytes(args.batch, T) <= args.dense_budget_gib * 2**30]
+        torch.manual_seed(0)
+        models = {n: build(n, args.dim, args.heads) for n in names}
+        x = torch.randn(args.batch, T, args.dim)
+        times = best_times(models, x, args.repeats)
+        del models
+        peaks = {n: None if args.no_memory else peak_bytes(n, T, args, C) for n in names}
+        for n in MODELS:
+            if n not in names:
+                print(f"{T:>5} {n:<14} over budget: ~{dense_bytes(args.batch, T) / 2**30:.1f} GiB of T x T buffers "
+                      f"> --dense-budget-gib {args.dense_budget_gib}")
+                continue
+            (fw, tr), (fw0, tr0) = times[n], times["attention"]
+            mem = "" if peaks[n] is None else f"{_mib(peaks[n]):>9} {peaks[n] / peaks['attention']:>6.2f}x"
+            print(f"{T:>5} {n:<14} {1e3 * fw:>8.1f} {fw / fw0:>6.2f}x {1e3 * tr:>11.1f} {tr / tr0:>6.2f}x {mem}", flush=True)
+            rows.append((T, n, fw, tr, peaks[n]))
+    print(f"done; {_load()}")
+    if args.plot:
+        plot(rows, args.plot, f"GatedBlock, B={args.batch} D={args.dim} heads={args.heads}, {args.threads} threads")
+
+
+def run_sweep(args: argparse.Namespace) -> None:
+    print(f"chunk sweep: GatedBlock(Sessa) with chunked feedback_solve, fwd+bwd ms (best of {args.repeats}, "
+          f"chunk sizes interleaved) / peak MiB; B={args.batch} D={args.dim} heads={args.heads} threads={args.threads}; "
+          f"{_load()}")
+    print(f"{'T':>5} " + " ".join(f"{f'C={c}':>14}" for c in args.chunks))
+    for T in args.T:
+        torch.manual_seed(0)
+        model = build("sessa-chunked", args.dim, args.heads)
+        x = torch.randn(args.batch, T, args.dim)
+        best = {c: float("inf") for c in args.chunks}
+        for c in args.chunks:  # warm-up
+            chunked.set_chunk_size(c)
+            train_step(model, x)
+        for _ in range(args.repeats):
+            for c in args.chunks:
+                chunked.set_chunk_size(c)
+                start = time.perf_counter()
+                train_step(model, x)
+                best[c] = min(best[c], time.perf_counter() - start)
+        chunked.set_chunk_size(None)
+        peaks = {c: "" if args.no_memory else f"/{_mib(peak_bytes('sessa-chunked', T, args, c))}" for c in args.chunks}
+        print(f"{T:>5} " + " ".join(f"{f'{1e3 * best[c]:.0f}{peaks[c]}':>14}" for c in args.chunks), flush=True)
+    print(f"done; {_load()}")
+
+
+def plot(rows: list, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+    for n in MODELS:
+        pts = [r for r in rows if r[1] == n]
+        if not pts:
+            continue
+        ax_t.plot([r[0] for r in pts], [1e3 * r[3] for r in pts], "o-", label=n)
+        mem = [r for r in pts if r[4] is not None]
+        if mem:
+            ax_m.plot([r[0] for r in mem], [r[4] / 2**20 for r in mem], "o-", label=n)
+    for ax, label in ((ax_t, "forward + backward (ms)"), (ax_m, "peak memory of a training step (MiB)")):
+        ax.set(xscale="log", yscale="log", xlabel="T", ylabel=label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def run(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    if args.chunk_sweep:
+        run_sweep(args)
+    else:
+        run_layer(args)
