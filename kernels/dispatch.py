@@ -120,6 +120,12 @@ class Op:
 
         return deco
 
+    def unregister(self, name: str) -> None:
+        """Remove backend `name` (e.g. a test's temporary backend)."""
+        self.check_name(name)
+        del self.backends[name]
+        self._ranked = [b for b in self._ranked if b.name != name]
+
     def pinned(self) -> str | None:
         for scope in reversed(getattr(_local, "stack", [])):
             if self.name in scope:

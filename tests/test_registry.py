@@ -33,9 +33,16 @@ class CumulativeAverage(Mixer):
         return self.scale * self.proj(x).cumsum(dim=1) / steps
 
 
-@attention.register("reference_copy", priority=-1)  # a user backend: lowest priority, never auto-picked
-def attention_reference_copy(q, k, v, **kwargs):
-    return attention_reference(q, k, v, **kwargs)
+@pytest.fixture
+def user_attention_backend():
+    """A user backend for the duration of one test: lowest priority, never auto-picked."""
+
+    @attention.register("reference_copy", priority=-1)
+    def attention_reference_copy(q, k, v, **kwargs):
+        return attention_reference(q, k, v, **kwargs)
+
+    yield
+    attention.unregister("reference_copy")
 # ----------------------------------------------------------------
 
 
@@ -98,7 +105,7 @@ def test_per_layer_override_through_scope():
     assert layers[0].mixer.gamma_max == 0.5 and layers[2].mixer.gamma_max == 0.999
 
 
-def test_backend_pinned_per_layer_shows_in_summary():
+def test_backend_pinned_per_layer_shows_in_summary(user_attention_backend):
     gin_config.parse(["default.gin"], ["layer2/Sessa.backends = {'feedback_solve': 'reference'}",
                                        "layer3/Attention.backends = {'attention': 'reference_copy'}"])
     rows = summarize(gin_config.build_model()).rows
