@@ -111,10 +111,14 @@ def test_command_line_arguments():
     assert gin_config.build_model().stack.pattern == "SASA"
 
 
-def test_tools_run(capsys):
+def test_tools_run(capsys, tmp_path):
     import runpy
 
-    for tool, argv in [("info", ["--gin_file=default.gin"]), ("demo", ["--batch_size=1", "--seq_len=8"])]:
+    demo = [f"--gin_param={p}" for p in ("TrainConfig.steps = 1", "TrainConfig.batch_size = 2", "TrainConfig.eval_every = 0",
+                                         "TrainConfig.checkpoint_every = 0", "TrainConfig.eval_examples = 2",
+                                         "TrainConfig.final_eval_examples = 2", "SymbolSoup.min_tokens = 30",
+                                         "SymbolSoup.max_tokens = 50")] + ["--run_dir", str(tmp_path)]
+    for tool, argv in [("info", ["--gin_file=default.gin"]), ("demo", demo)]:
         module = runpy.run_path(str(CONFIGS.parent / "tools" / f"{tool}.py"))
         module["main"](argv)
     out = capsys.readouterr().out

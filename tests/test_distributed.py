@@ -54,6 +54,14 @@ def _check_matches(single: Path, multi: Path) -> None:
     # only rank 0 wrote: one set of files, no second metrics stream
     assert sorted(p.name for p in multi.iterdir()) == ["checkpoints", "config.gin", "final_metrics.json",
                                                       "metrics.jsonl", "plots"]
+    # the 2-process checkpoint (weights and name-keyed optimizer state) continues in one process
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        more = run(multi, "symbol_soup", *PARAMS, "TrainConfig.steps = 5", resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(more["train_losses"]) == 1 and train_losses(multi)[:4] == two
 
 
 def test_ddp_two_processes_match_one(single, tmp_path):
@@ -62,7 +70,6 @@ def test_ddp_two_processes_match_one(single, tmp_path):
     assert out.stdout.count("| validation |") == 1  # progress and results from rank 0 only
 
 
-@pytest.mark.slow
 def test_fsdp_two_processes_match_one(single, tmp_path):
     torchrun(tmp_path, "TrainConfig.strategy = 'fsdp'")
     _check_matches(single, tmp_path)

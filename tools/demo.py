@@ -1,8 +1,12 @@
-"""Demo: build the default Sessa/attention hybrid from configs/default.gin, print its summary and
-time one forward + backward pass on random tokens.
+"""make demo: train the default hybrid (Sessa interleaved with attention, tiny size) on SymbolSoup,
+then print the metrics table and where the plots are. Chance is 1/20 = 0.05.
 
-    python tools/demo.py
-    python tools/demo.py --gin_file=default.gin --gin_file=backends/reference.gin --seq_len=256
+    python tools/demo.py                                  # configs/experiments/demo.gin
+    python tools/demo.py --gin_param "TrainConfig.steps = 300"      # a quicker, weaker run
+    python tools/demo.py --run_dir runs/my_demo --threads 2
+
+The run folder (default runs/demo-<date>-<time>) holds config.gin, metrics.jsonl,
+final_metrics.json, checkpoints/ and plots/; evaluate it again with tools/evaluate.py.
 """
 
 from __future__ import annotations
@@ -10,39 +14,52 @@ from __future__ import annotations
 import argparse
 import inspect
 import time
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from zoo import gin_config
 from zoo.summary import summarize
+from zoo.train import configurables
+from zoo.train.evaluate import metrics_table
+from zoo.train.loop import train
+
+CHANCE = 1 / 20
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=inspect.cleandoc(__doc__ or ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     gin_config.add_gin_args(parser)
-    parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--seq_len", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--run_dir", type=Path, default=None, help="default: runs/demo-<date>-<time>")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: this tiny model gains little from more, and when the "
+                             "cores are shared, extra OpenMP threads can slow every step down many times over)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
-    torch.manual_seed(args.seed)
-    gin_config.parse_args(args, default_files=["default.gin"])
-    model = gin_config.build_model()
-    print(summarize(model))
-    print()
+    run_dir = args.run_dir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    gin_config.parse_args(args, default_files=["experiments/demo.gin"])
+    config = configurables.configured_train_config()
+    task = configurables.configured_task()
+    torch.manual_seed(config.seed)
+    print(summarize(gin_config.build_model()))
+    print(f"\ntask: {task!r}, {task.min_tokens}-{task.max_tokens} tokens, {task.num_classes} classes "
+          f"(chance {CHANCE:.2f}); {config.steps} steps of {config.batch_size} examples, "
+          f"{torch.get_num_threads()} CPU threads\n")
 
-    tokens = torch.randint(model.vocab_size, (args.batch_size, args.seq_len + 1))
     start = time.perf_counter()
-    logits = model(tokens[:, :-1])  # next-token prediction on random bytes: loss ~ ln(vocab)
-    loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-    forward_s = time.perf_counter() - start
-    loss.backward()
-    total_s = time.perf_counter() - start
-    print(f"batch {args.batch_size} x {args.seq_len} tokens: loss {loss.item():.4f} "
-          f"(ln V = {torch.log(torch.tensor(float(model.vocab_size))).item():.4f}); "
-          f"forward {forward_s * 1e3:.1f} ms, forward + backward {total_s * 1e3:.1f} ms")
+    final = train(config, gin_config.build_model, task, run_dir, operative_config=gin_config.operative_config)
+    minutes = (time.perf_counter() - start) / 60
+
+    print("\n" + metrics_table({split: final[split] for split in config.final_splits}))
+    accuracy = final[config.final_splits[-1]].get("accuracy")
+    if accuracy is not None:
+        print(f"\n{config.final_splits[-1]} accuracy {accuracy:.3f} = {accuracy / CHANCE:.1f}x chance ({CHANCE:.2f})")
+    print(f"{final['parameters']:,} parameters, {final['tokens_per_s']:,.0f} tokens/s, {minutes:.1f} minutes")
+    print(f"plots:      {run_dir / 'plots' / 'loss.png'}  {run_dir / 'plots' / 'metrics.png'}")
+    print(f"run folder: {run_dir}   (python tools/evaluate.py {run_dir} --split test)")
+    return final
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -192,7 +193,7 @@ def train(config: TrainConfig, build_model: Callable[[], nn.Module], task: Task,
             checkpoint.set_rng_state(state["rng"][env.rank])
         elif env.is_main:
             tqdm.write(f"resume: checkpoint has RNG states of {len(state['rng'])} processes, running on {W}; "
-                       "RNG streams restart from the seed (data order and weights are unaffected)")
+                       "their RNG states are not restored (weights, optimizer and data order are)")
         run.truncate_after(start_step)
         if env.is_main:
             tqdm.write(f"resumed from {ckpt} at step {start_step}")
@@ -231,7 +232,7 @@ def train(config: TrainConfig, build_model: Callable[[], nn.Module], task: Task,
     eval_model = wrapped if config.strategy == "fsdp" else model
     losses: list[float] = []
     bar = tqdm(total=config.steps, initial=start_step, desc="train", disable=not env.is_main, dynamic_ncols=True,
-               unit="step")
+               unit="step", mininterval=1.0 if sys.stderr.isatty() else 30.0)  # sparse updates in log files
     train_time, train_tokens = 0.0, 0
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0}
     start_wall = time.perf_counter()

@@ -151,7 +151,8 @@ def plot(results: list[dict], path: str | Path, metric: str | None = None, title
     ax_bar.grid(alpha=0.3, axis="y")
     for xi, f in zip(x, finals):
         ax_bar.annotate(f"{f[2]:.3f}", (xi, f[2]), ha="center", va="bottom", fontsize=8)
-    fig.suptitle(title or f"{metric} (mean over seeds)")
+    seeds = sorted({r["seed"] for r in results})
+    fig.suptitle(f"{title + ': ' if title else ''}{metric}, mean over seeds {seeds} (band: min-max, bars: ± std)")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
