@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import time
 from pathlib import Path
 
@@ -43,14 +44,18 @@ def probe_gin_models(args: argparse.Namespace) -> list[ProbeResult]:
 
 
 def probe_runs(args: argparse.Namespace) -> list[ProbeResult]:
-    """One trained model per --run folder, probed on the first validation examples of its task."""
+    """One trained model per --run folder, probed on the first validation examples of its task
+    (labelled by the folder's path below the runs' common parent, or its name)."""
     from zoo.train.configurables import load_run
 
     results = []
-    for run in args.run:
+    runs = [Path(run).resolve() for run in args.run]
+    common = Path(os.path.commonpath(runs)) if len(runs) > 1 else None
+    for run in runs:
         model, task, _ = load_run(run, args.gin_param)
         inputs = task_inputs(task, args.batch_size, args.seq_len)
-        results.append(run_probe(model, inputs, Path(run).name, args))
+        label = run.relative_to(common).as_posix() if common is not None and run != common else run.name
+        results.append(run_probe(model, inputs, label, args))
     return results
 
 
