@@ -123,7 +123,7 @@ def crashing_adamw(crash_at_step: int):
 
 def test_resume_reproduces_losses_exactly(tmp_path):
     params = ["TrainConfig.steps = 8", "TrainConfig.checkpoint_every = 3", "adamw.lr = 1e-2",
-              "cosine_schedule.warmup_steps = 2", "TrainConfig.keep_checkpoints = 5"]
+              "cosine_schedule.warmup_steps = 2", "TrainConfig.keep_checkpoints = 5", "TrainConfig.log_every = 2"]
     full = run(tmp_path / "full", "symbol_soup", *params)
 
     with pytest.raises(Crash):
@@ -134,7 +134,9 @@ def test_resume_reproduces_losses_exactly(tmp_path):
     resumed = run(tmp_path / "cut", "symbol_soup", *params, resume=True)
 
     assert resumed["train_losses"] == full["train_losses"][3:]  # bit-exact, not approximately
+    # logged every 2 steps: the record of step 4 averages step 4 with step 3, from before the crash
     assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "full")
+    assert [r["step"] for r in read_metrics(tmp_path / "cut") if r["split"] == "train"] == [2, 4, 6, 8]
     a = checkpoint.load_weights(checkpoint.latest(tmp_path / "full" / "checkpoints") / checkpoint.WEIGHTS)
     b = checkpoint.load_weights(checkpoint.latest(tmp_path / "cut" / "checkpoints") / checkpoint.WEIGHTS)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -177,6 +177,7 @@ def train(config: TrainConfig, build_model: Callable[[], nn.Module], task: Task,
     eval_batch = config.eval_batch_size or max(1, G // (A * W))
 
     start_step, base_examples = 0, 0
+    window = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0}  # training steps since the last log record
     if resume:
         ckpt = checkpoint.latest(run.checkpoints)
         if ckpt is None:
@@ -186,6 +187,7 @@ def train(config: TrainConfig, build_model: Callable[[], nn.Module], task: Task,
         checkpoint.restore_optimizer(wrapped, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["schedule"])
         start_step, base_examples = state["step"], state["data"]["examples_seen"]
+        window = state["log_window"]
         if state["data"]["seed"] != config.seed:
             raise ValueError(f"--resume: the checkpoint was trained with seed={state['data']['seed']}, "
                              f"the config says seed={config.seed}")
@@ -216,7 +218,8 @@ def train(config: TrainConfig, build_model: Callable[[], nn.Module], task: Task,
         if env.is_main:
             state = {"step": step, "optimizer": optim, "schedule": scheduler.state_dict(), "rng": rng,
                      "data": {"examples_seen": sampler.offset(step), "seed": config.seed, "batch_size": G},
-                     "world_size": W, "config": {k: v for k, v in asdict(config).items() if not callable(v)}}
+                     "log_window": window, "world_size": W,
+                     "config": {k: v for k, v in asdict(config).items() if not callable(v)}}
             checkpoint.write(run.checkpoints, step, weights, state, keep=config.keep_checkpoints)
         distributed.barrier()
 
@@ -234,7 +237,6 @@ def train(config: TrainConfig, build_model: Callable[[], nn.Module], task: Task,
     bar = tqdm(total=config.steps, initial=start_step, desc="train", disable=not env.is_main, dynamic_ncols=True,
                unit="step", mininterval=1.0 if sys.stderr.isatty() else 30.0)  # sparse updates in log files
     train_time, train_tokens = 0.0, 0
-    window = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0}
     start_wall = time.perf_counter()
     model.train()
     try:
