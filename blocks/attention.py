@@ -18,7 +18,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from blocks.mixer import DecodeState, Mixer, check_backends
+from blocks.mixer import DecodeState, Mixer, check_backends, head_dims
 from blocks.rope import RotaryEmbedding
 from kernels.attention import attention
 from kernels.packing import segment_positions
@@ -70,14 +70,7 @@ class Attention(Mixer):
     def __init__(self, dim: int, num_heads: int = 1, num_kv_heads: int | None = None, rope: bool = True,
                  rope_base: float = 10000.0, window: int | None = None, backends: dict[str, str] | None = None):
         super().__init__()
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if num_heads < 1 or dim % num_heads:
-            raise ValueError(f"num_heads={num_heads} must be >= 1 and divide dim={dim}")
-        if num_kv_heads < 1 or num_heads % num_kv_heads:
-            raise ValueError(f"num_kv_heads={num_kv_heads} must be >= 1 and divide num_heads={num_heads}")
-        head_dim = dim // num_heads
-        if rope and head_dim % 2:
-            raise ValueError(f"rope=True needs an even head dim; dim={dim} / num_heads={num_heads} = {head_dim}")
+        num_kv_heads, head_dim = head_dims(dim, num_heads, num_kv_heads, rope)
         if window is not None and (not isinstance(window, int) or window < 1):
             raise ValueError(f"window must be a positive int or None; got window={window!r}")
         self.dim, self.num_heads, self.num_kv_heads, self.head_dim = dim, num_heads, num_kv_heads, head_dim

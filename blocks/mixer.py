@@ -123,3 +123,18 @@ def check_backends(mixer: str, backends: dict[str, str] | None, uses: tuple[str,
         except BackendError as e:
             raise ValueError(f"{mixer}: backends[{op!r}]: {e}") from None
     return {op: backends.get(op, AUTO) for op in uses}
+
+
+def head_dims(dim: int, num_heads: int, num_kv_heads: int | None, rope: bool) -> tuple[int, int]:
+    """Validate a multi-head layout -> (num_kv_heads, head_dim); errors name the argument."""
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if dim < 1:
+        raise ValueError(f"dim must be >= 1; got dim={dim}")
+    if num_heads < 1 or dim % num_heads:
+        raise ValueError(f"num_heads={num_heads} must be >= 1 and divide dim={dim}")
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"num_kv_heads={num_kv_heads} must be >= 1 and divide num_heads={num_heads}")
+    head_dim = dim // num_heads
+    if rope and head_dim % 2:
+        raise ValueError(f"rope=True needs an even head dim; dim={dim} / num_heads={num_heads} = {head_dim}")
+    return num_kv_heads, head_dim

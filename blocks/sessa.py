@@ -16,7 +16,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from blocks.mixer import DecodeState, Mixer, check_backends
+from blocks.mixer import DecodeState, Mixer, check_backends, head_dims
 from blocks.rope import RotaryEmbedding
 from kernels.attention import attention
 from kernels.feedback_solve import feedback_solve
@@ -52,16 +52,7 @@ class Sessa(Mixer):
                  rope: bool = True, rope_base: float = 10000.0, feedback: bool = True,
                  backends: dict[str, str] | None = None):
         super().__init__()
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if dim < 1:
-            raise ValueError(f"dim must be >= 1; got dim={dim}")
-        if num_heads < 1 or dim % num_heads:
-            raise ValueError(f"num_heads must be >= 1 and divide dim={dim}; got num_heads={num_heads}")
-        if num_kv_heads < 1 or num_heads % num_kv_heads:
-            raise ValueError(f"num_kv_heads must be >= 1 and divide num_heads={num_heads}; got num_kv_heads={num_kv_heads}")
-        head_dim = dim // num_heads
-        if rope and head_dim % 2:
-            raise ValueError(f"rope=True needs an even head dim; dim={dim} / num_heads={num_heads} = {head_dim}")
+        num_kv_heads, head_dim = head_dims(dim, num_heads, num_kv_heads, rope)
         if not 0.0 < gamma_max < 1.0:
             raise ValueError(f"gamma_max must lie in (0, 1); got gamma_max={gamma_max}")
         self.ops = check_backends("Sessa", backends, uses=("attention", "feedback_solve") if feedback else ("attention",))
