@@ -101,9 +101,18 @@ def test_half_precision_computes_in_float32():
     torch.testing.assert_close(s.float() / want.abs().max(), want / want.abs().max(), atol=2e-2, rtol=2e-2)
 
 
-def test_default_chunk_size_is_settable_and_chunked_is_preferred():
+def test_automatic_selection():
+    def chosen(T, P=0):
+        x = make_inputs(1, T, 4, 4, P=P)
+        return feedback_solve.select(x.pop("f"), x.pop("q"), x.pop("k"), x.pop("gamma"), **x).name
+    assert chosen(chunked.AUTO_MIN_T) == chosen(3000) == chosen(200, P=5) == "chunked"
+    assert chosen(chunked.AUTO_MIN_T - 1) == chosen(1, P=5) == "reference"  # where the reference is faster
+    x = make_inputs(1, 1, 4, 4, P=5)
+    assert feedback_solve.select(x.pop("f"), x.pop("q"), x.pop("k"), x.pop("gamma"), **x, backend="chunked").name == "chunked"
+
+
+def test_default_chunk_size_is_settable():
     inputs = make_inputs(1, 10, 4, 4)
-    assert feedback_solve.select(*(inputs[n] for n in ("f", "q", "k", "gamma"))).name == "chunked"
     try:
         chunked.set_chunk_size(3)
         assert chunked.get_chunk_size() == 3

@@ -38,8 +38,8 @@ a[blk, :P + b] from q and kk (the same fused softmax as the forward pass: each b
 rows, so no saved statistics are needed, and one fused kernel is cheaper than exp(l - lse) in two
 eager passes), solves (I - Bf_blk,blk)^T u_blk = G_blk + acc[blk] (upper triangular, n x n), forms
 dA, dgamma, dl, dq, dkk for the block, and adds Bf[blk, :P + a]^T u_blk into acc[:P + a]. At the
-end acc[:P] is dpast_s. The per-row gains are folded into the small (n x D) operands, never into
-the n x (P + b) blocks.
+end acc[:P] is dpast_s, and acc[P:] holds df = u (a block's slot is free once it is solved). The
+per-row gains are folded into the small (n x D) operands, never into the n x (P + b) blocks.
 
 Saved for backward: q, kk, gamma and ss (q and k are the caller's tensors unless a dtype cast or a
 cache forces a copy): O(T (D + Dk)) per sequence. Working memory of either pass: two or three
@@ -144,8 +144,9 @@ class _FeedbackSolve(torch.autograd.Function):
         B, T, Dk = qw.shape
         work = ss.dtype
         G = grad_s.to(work)
-        df = torch.empty(B, T, ss.shape[2], dtype=work, device=G.device)  # u
-        acc = torch.zeros_like(ss)  # sum over later rows t of gamma_t alpha[t, j] u_t
+        # acc[:, j]: sum over the rows t processed so far (the later ones) of gamma_t alpha[t, j] u_t.
+        # Once block [a, b) is solved, acc[:, P + a:P + b] is not needed any more and holds u = df.
+        acc = torch.zeros_like(ss)
         dq = torch.empty_like(qw)
         dkeys = torch.zeros_like(keys)
         dgamma = torch.empty_like(g)
@@ -158,7 +159,7 @@ class _FeedbackSolve(torch.autograd.Function):
             diag = alpha[:, :, P + a:] * -g_blk  # -(gamma alpha) on the diagonal block
             u = torch.linalg.solve_triangular(diag.mT, G[:, a:b] + acc[:, P + a:P + b], upper=True,
                                               unitriangular=True)
-            df[:, a:b] = u
+            acc[:, P + a:P + b] = u
             dA = u @ ss[:, :P + b].mT  # (B, n, P + b): <u_t, ss_j>
             dg = torch.linalg.vecdot(alpha, dA)  # (B, n)
             dgamma[:, a:b] = dg if empty is None else dg.masked_fill(empty, 0.0)
@@ -167,7 +168,7 @@ class _FeedbackSolve(torch.autograd.Function):
             dkeys[:, :P + b].baddbmm_(dl.mT, q_blk * g_blk)
             if P + a:
                 acc[:, :P + a].baddbmm_(alpha[:, :, :P + a].mT, u * g_blk)
-        grads = [df.to(f_dtype), dq.to(q_dtype), dkeys[:, P:].to(k_dtype), dgamma.to(gamma_dtype)]
+        grads = [acc[:, P:].to(f_dtype), dq.to(q_dtype), dkeys[:, P:].to(k_dtype), dgamma.to(gamma_dtype)]
         if past_dtypes is None:
             grads += [None, None]
         else:
@@ -175,9 +176,15 @@ class _FeedbackSolve(torch.autograd.Function):
         return (*grads, None, None)
 
 
+AUTO_MIN_T = 129  # shorter inputs go to `reference` under automatic selection (docs/feedback_chunked.md)
+
+
 def _auto(f: Tensor, q: Tensor, k: Tensor, gamma: Tensor, *, past_k: Tensor | None = None, **kwargs) -> str | None:
+    """Automatic selection only (pinned, chunked runs anything): decline where `reference` is faster."""
     if f.shape[1] == 1 and past_k is not None:
         return "one decoding step: the reference's weighted sum over the cache is faster (pin to force)"
+    if f.shape[1] < AUTO_MIN_T:
+        return f"T = {f.shape[1]} < {AUTO_MIN_T}: the dense reference is as small and a little faster (pin to force)"
     return None
 
 
