@@ -110,7 +110,7 @@ def test_backend_pinned_per_layer_shows_in_summary(user_attention_backend):
                                        "layer3/Attention.backends = {'attention': 'reference_copy'}"])
     rows = summarize(gin_config.build_model()).rows
     assert rows[2].backends["feedback_solve"] == ["reference"] and rows[2].pinned == {"feedback_solve": "reference"}
-    assert rows[0].backends["feedback_solve"] != ["reference"] and rows[0].pinned == {}
+    assert rows[0].pinned == {}  # unpinned: dispatch chooses (at T = 8 that may be reference too)
     assert rows[3].backends["attention"] == ["reference_copy"]
     text = str(summarize(gin_config.build_model()))
     assert "feedback_solve=reference*" in text and "attention=reference_copy*" in text
