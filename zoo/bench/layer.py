@@ -211,10 +211,14 @@ def plot(rows: list, path: str, title: str) -> None:
         mem = [r for r in pts if r[4] is not None]
         if mem:
             ax_m.plot([r[0] for r in mem], [r[4] / 2**20 for r in mem], "o-", label=n)
+    Ts = sorted({r[0] for r in rows})
     for ax, label in ((ax_t, "forward + backward (ms)"), (ax_m, "peak memory of a training step (MiB)")):
         ax.set(xscale="log", yscale="log", xlabel="T", ylabel=label)
+        ax.set_xticks(Ts, [str(t) for t in Ts])
+        ax.minorticks_off()
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
