@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from zoo.train.configurables import read_sweep  # noqa: E402
 from zoo.train.sweep import SweepSpec, collect, mean_std, write_summary  # noqa: E402
+from zoo.plots import pyplot, save_figure
 
 SWEEPS = {"symbol_soup": "reproduction/symbol_soup.gin", "diffuse_mqar": "reproduction/diffuse_mqar.gin"}
 TASK_NAMES = {"symbol_soup": "SymbolSoup", "diffuse_mqar": "Diffuse MQAR"}
@@ -125,10 +126,7 @@ def report(args: argparse.Namespace, wall_s: float | None) -> tuple[str, Path]:
 
 def plot(results: dict[str, dict[str, list[dict]]], path: Path) -> Path:
     """Per task: test accuracy per model (bar: mean over seeds, dots: seeds, black x: the paper)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 3.8), squeeze=False)
     for ax, (task, by_variant) in zip(axes[0], results.items()):
@@ -144,10 +142,7 @@ def plot(results: dict[str, dict[str, list[dict]]], path: Path) -> Path:
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{TASK_NAMES[task]} (bars: ours, mean of seeds; x: paper)", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=80)
 
 
 def main(argv: list[str] | None = None) -> str:

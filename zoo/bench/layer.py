@@ -39,6 +39,7 @@ from blocks.attention import Attention
 from blocks.gated_block import GatedBlock
 from blocks.sessa import Sessa
 from kernels.feedback_solve import chunked
+from zoo.plots import pyplot, save_figure
 
 MODELS = ("attention", "sessa-dense", "sessa-chunked")
 # Live (B, T, T) float32 buffers of the dense reference at the peak of a training step: measured
@@ -197,10 +198,7 @@ def run_sweep(args: argparse.Namespace) -> None:
 
 
 def plot(rows: list, path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
     for n in MODELS:
@@ -220,9 +218,7 @@ def plot(rows: list, path: str, title: str) -> None:
         if ax.lines:
             ax.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    print(f"wrote {save_figure(fig, path)}")
 
 
 def run(args: argparse.Namespace) -> None:

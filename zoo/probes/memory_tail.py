@@ -43,6 +43,7 @@ from torch.func import jvp
 from blocks.mixer import Mixer
 from kernels.feedback_solve import feedback_solve, routing_weights, strict_past
 from zoo.probes.construction import feedback_layers
+from zoo.plots import pyplot, save_figure
 
 # Backends with forward-mode AD for the Jacobian (sdpa attention and the chunked feedback solve
 # have none); the probe pins them on its copy of the model while it computes the Jacobian.
@@ -350,10 +351,7 @@ def plot(results: Sequence[ProbeResult], path: str | Path, title: str | None = N
     """One PNG, log-log axes: every curve (Jacobian solid, Sessa kernels dashed) from lag 1 and, over
     its fit range, the better of its two fits (thin black dotted: a straight power law, or the
     exponential, which bends down). Two panels when there are kernel curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = [("jacobian", "end-to-end ‖∂y(τ+ℓ)/∂x(τ)‖"), ("kernel", "Sessa kernel |(I − B_fb)⁻¹[τ+ℓ, τ]|")]
     panels = [p for p in panels if any(c.name.startswith(p[0]) for r in results for c in r.curves)]
@@ -383,9 +381,4 @@ def plot(results: Sequence[ProbeResult], path: str | Path, title: str | None = N
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)

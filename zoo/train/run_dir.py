@@ -17,6 +17,7 @@ import json
 import math
 import os
 from pathlib import Path
+from zoo.plots import pyplot, save_figure
 
 CONFIG = "config.gin"
 METRICS = "metrics.jsonl"
@@ -90,10 +91,7 @@ def read_final(run: str | Path) -> dict:
 
 def plot_curves(records: list[dict], out: str | Path) -> list[Path]:
     """loss.png (train and validation loss) and metrics.png (one panel per validation metric)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,10 +109,7 @@ def plot_curves(records: list[dict], out: str | Path) -> list[Path]:
     ax.set_title("loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=120)
-    plt.close(fig)
-    written.append(out / "loss.png")
+    written.append(save_figure(fig, out / "loss.png"))
 
     names = [k for k in (val[-1] if val else {}) if k not in ("step", "split", "loss", "time")
              and isinstance(val[-1][k], (int, float))]
@@ -131,8 +126,5 @@ def plot_curves(records: list[dict], out: str | Path) -> list[Path]:
         for ax in list(axes.flat)[len(names):]:
             ax.axis("off")
         fig.suptitle("validation")
-        fig.tight_layout()
-        fig.savefig(out / "metrics.png", dpi=120)
-        plt.close(fig)
-        written.append(out / "metrics.png")
+        written.append(save_figure(fig, out / "metrics.png"))
     return written

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zoo.train.run_dir import read_final, read_metrics
+from zoo.plots import pyplot, save_figure
 
 SUMMARY_KEYS = ("parameters", "tokens_per_s")
 
@@ -116,10 +117,7 @@ def primary_metric(results: list[dict], metric: str | None) -> str:
 def plot(results: list[dict], path: str | Path, metric: str | None = None, title: str = "") -> Path:
     """One figure: validation curves of `metric` per variant (mean over seeds, min-max band) and the
     final test (else validation) value per variant (mean ± std over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     metric = primary_metric(results, metric)
@@ -153,12 +151,7 @@ def plot(results: list[dict], path: str | Path, metric: str | None = None, title
         ax_bar.annotate(f"{f[2]:.3f}", (xi, f[2]), ha="center", va="bottom", fontsize=8)
     seeds = sorted({r["seed"] for r in results})
     fig.suptitle(f"{title + ': ' if title else ''}{metric}, mean over seeds {seeds} (band: min-max, bars: ± std)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_summary(out: str | Path, spec: SweepSpec, title: str = "") -> tuple[str, Path]:
