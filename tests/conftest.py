@@ -9,6 +9,8 @@ import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tensors in the interpreter
 
+from zoo import gin_config  # noqa: E402  (after TRITON_INTERPRET: importing zoo imports kernels)
+
 # one thread per xdist worker (make test runs 2 workers on 2 cores), else up to 2
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
@@ -17,6 +19,15 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_gin():
+    """Every test starts and ends with an empty gin config: a binding parsed by one test (say
+    `Mamba2.head_dim = 62` from a shipped config) must never reach a later test in the same worker."""
+    gin_config.clear()
+    yield
+    gin_config.clear()
 
 
 @pytest.fixture
