@@ -26,12 +26,6 @@ ALL = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.gin"))
 REQUIRED_LEFT = r"set to `%gin.REQUIRED` but not subsequently overridden"
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-    yield
-    gin_config.clear()
-
-
 def includes(name: str) -> list[str]:
     """Every file `name` includes, transitively, in order."""
     found = []

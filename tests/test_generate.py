@@ -155,16 +155,7 @@ def test_greedy_ignores_temperature(hybrid):
 
 # ---------------------------------------------------------------------------- tools/generate.py
 
-@pytest.fixture
-def clean_gin():
-    """The tool parses gin configs; leave no bindings behind for other tests."""
-    from zoo import gin_config
-
-    yield
-    gin_config.clear()
-
-
-def test_tool_streams_from_random_weights(clean_gin, capsys):
+def test_tool_streams_from_random_weights(capsys):
     from tools.generate import main
 
     main(["--prompt", "Hello", "--max_new_tokens", "7", "--seed", "0", "--greedy"])
@@ -172,7 +163,7 @@ def test_tool_streams_from_random_weights(clean_gin, capsys):
     assert out.startswith("Hello") and out.endswith("\n")
 
 
-def test_tool_loads_a_checkpoint(clean_gin, tmp_path, capsys):
+def test_tool_loads_a_checkpoint(tmp_path, capsys):
     from tools.generate import main
     from zoo import gin_config
     from zoo.train import checkpoint

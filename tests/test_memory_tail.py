@@ -22,12 +22,6 @@ from zoo.probes import (explicit_construction, feedback_kernel_curve, fit_tail, 
 TOOLS = gin_config.CONFIGS_DIR.parent / "tools"
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-    yield
-    gin_config.clear()
-
-
 @pytest.mark.parametrize("gain", [0.3, 0.5, 0.9])
 def test_uniform_routing_kernel_slope_is_minus_one_minus_gain(gain):
     """The paper's construction: q_b = k_b = 0 (alpha = 1/t), constant gamma -> slope -(1 - gamma)."""

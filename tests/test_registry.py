@@ -46,12 +46,6 @@ def user_attention_backend():
 # ----------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-    yield
-    gin_config.clear()
-
-
 def test_unknown_names_list_valid_ones():
     with pytest.raises(KeyError, match=r"unknown mixer 'sesa'; valid: .*attention, .*mamba2, .*sessa, sessa_nofb"):
         REGISTRY.mixer("sesa")

@@ -14,12 +14,6 @@ TOOLS = gin_config.CONFIGS_DIR.parent / "tools"
 TASKS = ["symbol_soup", "diffuse_mqar"]
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-    yield
-    gin_config.clear()
-
-
 @pytest.mark.parametrize("task", TASKS)
 def test_the_six_models_are_parameter_matched(task):
     spec = read_sweep(f"reproduction/{task}.gin")
