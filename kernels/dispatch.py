@@ -1,10 +1,11 @@
 """Backend dispatch: one `Op` per mathematical function, several ranked backends per op.
 
-A backend declares a name, a priority, a lazy availability probe and a `supports(*args, **kwargs)`
+A backend declares a name, a priority, a lazy availability `probe()` and a `supports(*args, **kwargs)`
 check; both return `None` when fine or a short reason string ("needs CUDA", "float64 not
 supported"). Dispatch picks the highest-priority backend that is available and supports the
 inputs, and logs the choice once per (op, backend). An optional `auto(*args, **kwargs)` check declines
 only automatic selection (a pinned backend still runs), e.g. Triton's slow CPU interpreter.
+An exception raised by a probe or a check becomes that backend's reason; it never escapes dispatch.
 
 Pinning, strongest first:
     op(..., backend="sdpa")                     # per call (mixers pass their per-layer choice)
@@ -64,11 +65,19 @@ class Backend:
 
     def reason(self, *args: Any, **kwargs: Any) -> Reason:
         """Why this backend cannot run these inputs, or None if it can."""
-        return self.unavailable_reason() or self.supports(*args, **kwargs)
+        return self.unavailable_reason() or _checked("supports", self.supports, args, kwargs)
 
     def auto_reason(self, *args: Any, **kwargs: Any) -> Reason:
         """Why automatic selection skips this backend for these inputs (pinned, it may still run)."""
-        return self.reason(*args, **kwargs) or self.auto(*args, **kwargs)
+        return self.reason(*args, **kwargs) or _checked("auto", self.auto, args, kwargs)
+
+
+def _checked(what: str, check: Callable[..., Reason], args: tuple, kwargs: dict) -> Reason:
+    """Run a `supports`/`auto` check; an exception inside it becomes the reason."""
+    try:
+        return check(*args, **kwargs)
+    except Exception as e:
+        return f"{what} check failed: {type(e).__name__}: {e}"
 
 
 def _always(*args: Any, **kwargs: Any) -> Reason:
@@ -80,15 +89,36 @@ _local = threading.local()
 _logged: set[tuple[str, str]] = set()
 
 
-def _env_pins() -> dict[str, str]:
-    spec = os.environ.get("ZOO_BACKENDS", "").strip()
+def parse_pins(spec: str, source: str = "backends") -> dict[str, str]:
+    """'attention=sdpa, ssd=chunked' -> {op: backend}; every op and backend name is checked.
+
+    `source` names where the text came from (an option, an environment variable) in the errors.
+    """
     pins = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
-        op, sep, name = item.partition("=")
-        if not sep:
-            raise ValueError(f"ZOO_BACKENDS entry {item!r} must look like op=backend")
-        pins[op.strip()] = name.strip()
+        op, sep, name = (part.strip() for part in item.partition("="))
+        if not sep or not op or not name:
+            raise ValueError(f"{source} entry {item!r} must look like op=backend")
+        if op not in OPS:
+            raise ValueError(f"{source} entry {item!r}: unknown op {op!r}; valid ops: {', '.join(sorted(OPS))}")
+        try:
+            OPS[op].check_name(name)
+        except BackendError as e:
+            raise ValueError(f"{source} entry {item!r}: {e}") from None
+        pins[op] = name
     return pins
+
+
+_env_cache: tuple[str, dict[str, str]] = ("", {})
+
+
+def _env_pins() -> dict[str, str]:
+    """The pins of ZOO_BACKENDS, parsed once per distinct value of the variable."""
+    global _env_cache
+    spec = os.environ.get("ZOO_BACKENDS", "").strip()
+    if spec != _env_cache[0]:
+        _env_cache = (spec, parse_pins(spec, "ZOO_BACKENDS"))
+    return _env_cache[1]
 
 
 class Op:
@@ -106,14 +136,19 @@ class Op:
         name: str,
         *,
         priority: int = 0,
-        available: Callable[[], Reason] | None = None,
+        probe: Callable[[], Reason] | None = None,
         supports: Callable[..., Reason] | None = None,
         auto: Callable[..., Reason] | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Decorator: register `fn` as backend `name` of this op (re-registering replaces it)."""
+        """Decorator: register `fn` as backend `name` of this op (re-registering replaces it).
+
+        probe() -> reason or None: can this backend run here at all (called once, lazily);
+        supports(*args, **kwargs) -> reason or None: can it run these inputs;
+        auto(*args, **kwargs) -> reason or None: should automatic selection skip it for these inputs.
+        """
 
         def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-            self.backends[name] = Backend(self.name, name, fn, priority, available or (lambda: None),
+            self.backends[name] = Backend(self.name, name, fn, priority, probe or _always,
                                           supports or _always, auto or _always)
             self._ranked = sorted(self.backends.values(), key=lambda b: -b.priority)
             return fn

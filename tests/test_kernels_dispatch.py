@@ -32,7 +32,7 @@ def toy():
     def fast(x):
         return "fast"
 
-    @op.register("gpu", priority=20, available=lambda: "needs CUDA")
+    @op.register("gpu", priority=20, probe=lambda: "needs CUDA")
     def gpu(x):
         return "gpu"
 
@@ -54,7 +54,7 @@ def test_highest_priority_backend_that_can_run(toy):
 def test_pins_and_their_precedence(toy, monkeypatch):
     assert toy(X64, backend="slow") == "slow"
     assert toy(X64, backend="auto") == "fast"
-    monkeypatch.setenv("ZOO_BACKENDS", "other=x, toy=slow")
+    monkeypatch.setenv("ZOO_BACKENDS", "attention=sdpa, toy=slow")
     assert toy(X64) == "slow"
     set_backend("toy", "fast")
     assert toy(X64) == "fast"  # set_backend beats the environment
@@ -70,6 +70,30 @@ def test_pins_and_their_precedence(toy, monkeypatch):
     monkeypatch.setenv("ZOO_BACKENDS", "toy")
     with pytest.raises(ValueError, match="ZOO_BACKENDS entry 'toy' must look like op=backend"):
         toy(X64)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("toy=slow,atention=sdpa", "ZOO_BACKENDS entry 'atention=sdpa': unknown op 'atention'; valid ops: .*attention"),
+    ("toy=quick", "ZOO_BACKENDS entry 'toy=quick': unknown backend 'quick' for op 'toy'; valid: auto, slow"),
+    ("toy=", "ZOO_BACKENDS entry 'toy=' must look like op=backend"),
+])
+def test_a_misspelt_environment_pin_is_an_error_naming_it(toy, monkeypatch, spec, message):
+    monkeypatch.setenv("ZOO_BACKENDS", spec)
+    with pytest.raises(ValueError, match=message):
+        toy(X64)
+
+
+def test_an_exception_inside_a_check_becomes_the_backends_reason(toy):
+    def broken(x):
+        raise AttributeError("no attribute 'shape'")
+
+    toy.register("broken", priority=30, supports=broken)(lambda x: "broken")
+    toy.register("picky", priority=25, auto=broken)(lambda x: "picky")
+    assert toy(X64) == "fast"
+    assert toy.reasons(X64)["broken"] == "supports check failed: AttributeError: no attribute 'shape'"
+    with pytest.raises(BackendError, match="pinned backend 'broken' cannot run \\(supports check failed"):
+        toy(X64, backend="broken")
+    assert toy(X64, backend="picky") == "picky"  # auto only declines automatic selection
 
 
 def test_unknown_backend_name_lists_the_valid_ones(toy):
@@ -120,7 +144,7 @@ def test_probe_runs_once_and_a_crashing_probe_means_unavailable(toy):
         calls.append(1)
         raise ImportError("broken install")
 
-    toy.register("flaky", priority=30, available=probe)(lambda x: "flaky")
+    toy.register("flaky", priority=30, probe=probe)(lambda x: "flaky")
     assert toy(X64) == "fast" and toy(X64) == "fast"
     assert len(calls) == 1
     assert toy.reasons(X64)["flaky"] == "probe failed: ImportError: broken install"

@@ -8,7 +8,7 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor
 
-from kernels.attention import attention, check_inputs, visible
+from kernels.attention.contract import attention, check_inputs, visible
 
 @attention.register("reference", priority=0)
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor
 
-from kernels.attention import attention, check_inputs, visible
+from kernels.attention.contract import attention, check_inputs, visible
 
 
 def _supports(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> str | None:

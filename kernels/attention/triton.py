@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from kernels.attention import attention, check_inputs
+from kernels.attention.contract import attention, check_inputs
 from kernels.triton_utils import (Reason, auto_check, autotune, check_tensors, dot_dtype, jit, mma, next_pow2, tl,
                                   triton, triton_probe)
 
@@ -250,7 +250,7 @@ def _auto(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Reason:
     return auto_check(q, k, v, **kwargs)
 
 
-@attention.register("triton", priority=15, available=triton_probe, supports=_supports, auto=_auto)
+@attention.register("triton", priority=15, probe=triton_probe, supports=_supports, auto=_auto)
 def attention_triton(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
                      window: int | None = None, seq_idx: Tensor | None = None) -> Tensor:
     """q (B, Tq, H, d), k (B, S, Hkv, d), v (B, S, Hkv, dv) -> (B, Tq, H, dv); contract in kernels.attention."""

@@ -20,7 +20,7 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor
 
-from kernels.attention import attention, check_inputs
+from kernels.attention.contract import attention, check_inputs
 from kernels.dispatch import module_probe
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -100,7 +100,7 @@ def layout(q: Tensor, k: Tensor, v: Tensor, window: int | None = None, seq_idx: 
     return q, k, v, bias, True
 
 
-@attention.register("xformers", priority=20, available=module_probe("xformers", cuda=True), supports=_supports)
+@attention.register("xformers", priority=20, probe=module_probe("xformers", cuda=True), supports=_supports)
 def attention_xformers(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
                        window: int | None = None, seq_idx: Tensor | None = None) -> Tensor:
     """q (B, Tq, H, d), k (B, S, Hkv, d), v (B, S, Hkv, dv) -> (B, Tq, H, dv); contract in kernels.attention."""

@@ -1,70 +1,11 @@
-"""Op `feedback_solve`: Sessa's feedback path, the unit-lower-triangular solve (I - B_fb) s = f.
+"""Op `feedback_solve`: Sessa"s feedback solve (I - B_fb) s = f.
 
-Contract
-    feedback_solve(f, q, k, gamma, *, past_k=None, past_s=None, seq_idx=None) -> s
-    f: (B, T, D) forward-branch output     q, k: (B, T, Dk) feedback queries / keys (one head)
-    gamma: (B, T) per-token gain           past_k, past_s: (B, P, Dk), (B, P, D) a decoding cache
-    seq_idx: (B, P + T) segment ids (kernels.packing), None = one segment
-    s: (B, T, D), dtype of f.
-
-With all keys kk = [past_k; k], all outputs ss = [past_s; s] and new row t at position P + t,
-    alpha[t, j] = softmax over {j < P + t, same segment} of <q_t, kk_j> / sqrt(Dk)   (empty row -> 0)
-    s_t = f_t + gamma_t * sum_j alpha[t, j] ss_j
-i.e. forward substitution of (I - gamma * alpha) s = f. Row 0 of a segment has no past: s = f.
-Half-precision inputs are solved in float32 and cast back. (I - B_fb)^-1 is never formed.
+`contract.py` holds the op itself (its contract in the docstring), the input checks and the masks
+every backend shares; each other module is one backend and imports only the contract. Importing
+this package registers all of them: reference, chunked, triton.
 """
 
-from __future__ import annotations
+from kernels.feedback_solve.contract import check_inputs, feedback_solve, routing_weights, strict_past
+from kernels.feedback_solve import reference, chunked, triton  # noqa: F401  (each registers its backend)
 
-import math
-
-import torch
-from torch import Tensor
-
-from kernels.dispatch import Op
-from kernels.packing import same_segment
-
-feedback_solve = Op("feedback_solve", __doc__)
-
-
-def check_inputs(f: Tensor, q: Tensor, k: Tensor, gamma: Tensor, past_k: Tensor | None = None,
-                 past_s: Tensor | None = None, seq_idx: Tensor | None = None) -> None:
-    """Shape checks shared by every backend; raises ValueError naming the argument."""
-    if f.ndim != 3:
-        raise ValueError(f"f must be (B, T, D); got {tuple(f.shape)}")
-    B, T, _ = f.shape
-    if q.ndim != 3 or q.shape[:2] != (B, T) or k.shape != q.shape:
-        raise ValueError(f"q and k must be (B, T, Dk) with (B, T) = {(B, T)}; got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if tuple(gamma.shape) != (B, T):
-        raise ValueError(f"gamma must be (B, T) = {(B, T)}; got {tuple(gamma.shape)}")
-    if (past_k is None) != (past_s is None):
-        raise ValueError("past_k and past_s must be given together")
-    P = 0
-    if past_k is not None:
-        P = past_k.shape[1]
-        if past_k.shape != (B, P, q.shape[2]) or past_s.shape != (B, P, f.shape[2]):
-            raise ValueError(f"past_k must be (B, P, Dk) and past_s (B, P, D); got {tuple(past_k.shape)}, {tuple(past_s.shape)}")
-    if seq_idx is not None and tuple(seq_idx.shape) != (B, P + T):
-        raise ValueError(f"seq_idx must be (B, P + T) = {(B, P + T)}; got {tuple(seq_idx.shape)}")
-
-
-def strict_past(T: int, P: int, device: torch.device, seq_idx: Tensor | None = None) -> Tensor:
-    """Bool mask (B or 1, T, P + T): key j is in the strict past of new row t (same segment)."""
-    mask = (torch.arange(P + T, device=device)[None, :] < torch.arange(P, P + T, device=device)[:, None])[None]
-    if seq_idx is not None:
-        mask = mask & same_segment(seq_idx[:, P:], seq_idx)
-    return mask
-
-
-def routing_weights(q: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
-    """alpha = masked softmax of q keys^T / sqrt(Dk); rows with no visible key are exactly 0."""
-    logits = torch.einsum("btd,bsd->bts", q, keys) / math.sqrt(q.shape[-1])
-    logits = logits.masked_fill(~mask, float("-inf"))
-    m = logits.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(logits.dtype).min)  # -inf rows -> finite
-    e = torch.exp(logits - m)
-    return e / e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(logits.dtype).tiny)
-
-
-from kernels.feedback_solve import reference  # noqa: E402,F401  (registers the backend)
-from kernels.feedback_solve import chunked  # noqa: E402,F401  (registers the backend)
-from kernels.feedback_solve import triton  # noqa: E402,F401  (registers the backend)
+__all__ = ["check_inputs", "feedback_solve", "routing_weights", "strict_past"]

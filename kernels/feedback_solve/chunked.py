@@ -54,7 +54,7 @@ import math
 import torch
 from torch import Tensor
 
-from kernels.feedback_solve import check_inputs, feedback_solve
+from kernels.feedback_solve.contract import check_inputs, feedback_solve
 
 DEFAULT_CHUNK_SIZE = 128  # measured: `python tools/bench.py layer --chunk-sweep` (docs/feedback_chunked.md)
 _chunk_size = DEFAULT_CHUNK_SIZE

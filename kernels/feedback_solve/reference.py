@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from kernels.feedback_solve import check_inputs, feedback_solve, routing_weights, strict_past
+from kernels.feedback_solve.contract import check_inputs, feedback_solve, routing_weights, strict_past
 
 @feedback_solve.register("reference", priority=0)
 def feedback_solve_reference(f: Tensor, q: Tensor, k: Tensor, gamma: Tensor, *, past_k: Tensor | None = None,

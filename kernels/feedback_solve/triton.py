@@ -38,7 +38,7 @@ import math
 import torch
 from torch import Tensor
 
-from kernels.feedback_solve import check_inputs, feedback_solve
+from kernels.feedback_solve.contract import check_inputs, feedback_solve
 from kernels.triton_utils import (INTERPRET, Reason, auto_check, autotune, check_tensors, dot_dtype, jit, mma, tl,
                                   triton, triton_probe)
 
@@ -378,7 +378,7 @@ def _auto(f: Tensor, q: Tensor, k: Tensor, gamma: Tensor, *, past_k: Tensor | No
     return auto_check(f, q, k, gamma, past_k=past_k, **kwargs)
 
 
-@feedback_solve.register("triton", priority=30, available=triton_probe, supports=_supports, auto=_auto)
+@feedback_solve.register("triton", priority=30, probe=triton_probe, supports=_supports, auto=_auto)
 def feedback_solve_triton(f: Tensor, q: Tensor, k: Tensor, gamma: Tensor, *, past_k: Tensor | None = None,
                           past_s: Tensor | None = None, seq_idx: Tensor | None = None) -> Tensor:
     """f (B, T, D), q, k (B, T, Dk), gamma (B, T), past_k (B, P, Dk), past_s (B, P, D), seq_idx (B, P + T)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor
 
-from kernels.ssd import check_inputs, segment_starts, ssd
+from kernels.ssd.contract import check_inputs, segment_starts, ssd
 
 
 def segsum(a: Tensor) -> Tensor:

@@ -6,7 +6,7 @@ import torch
 from einops import repeat
 from torch import Tensor
 
-from kernels.ssd import check_inputs, segment_starts, ssd
+from kernels.ssd.contract import check_inputs, segment_starts, ssd
 
 @ssd.register("reference", priority=0)
 def ssd_reference(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, initial_state: Tensor | None = None,

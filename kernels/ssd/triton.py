@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from kernels.ssd import check_inputs, ssd
+from kernels.ssd.contract import check_inputs, ssd
 from kernels.triton_utils import (INTERPRET, Reason, auto_check, autotune, check_tensors, dot_dtype, jit, mma,
                                   next_pow2, tl, triton, triton_probe)
 
@@ -264,7 +264,7 @@ def _supports(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, initial
     return None
 
 
-@ssd.register("triton", priority=30, available=triton_probe, supports=_supports, auto=auto_check)
+@ssd.register("triton", priority=30, probe=triton_probe, supports=_supports, auto=auto_check)
 def ssd_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, initial_state: Tensor | None = None,
                seq_idx: Tensor | None = None, chunk_size: int = 64, return_final_state: bool = False):
     """Chunked scan (see module docstring); shapes as in the op contract (kernels.ssd)."""

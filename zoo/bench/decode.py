@@ -22,6 +22,7 @@ from blocks.attention import Attention
 from blocks.gated_block import GatedBlock
 from blocks.sessa import Sessa
 from kernels import record_choices, use_backends
+from kernels.dispatch import parse_pins
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -38,16 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backends", default="", help="op=backend pins for both models, e.g. feedback_solve=reference")
     parser.add_argument("--device", default="cpu")
-
-
-def _pins(spec: str) -> dict[str, str]:
-    pins = {}
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        op, sep, name = item.partition("=")
-        if not sep:
-            raise ValueError(f"--backends entry {item!r} must look like op=backend")
-        pins[op.strip()] = name.strip()
-    return pins
 
 
 def _sync(device: torch.device) -> None:
@@ -89,7 +80,7 @@ def run(args: argparse.Namespace) -> None:
 
     prefill = {name: float("inf") for name in models}
     step_times = {name: [float("inf")] * args.steps for name in models}
-    with torch.inference_mode(), use_backends(**_pins(args.backends)), record_choices() as choices:
+    with torch.inference_mode(), use_backends(**parse_pins(args.backends, "--backends")), record_choices() as choices:
         for name, m in models.items():  # warm-up (lazy init, backend choice logging)
             time_decode(m, prompt[:, :8], steps[:4])
         for _ in range(args.repeats):
