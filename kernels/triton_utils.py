@@ -44,9 +44,17 @@ INTERPRET = triton is not None and _interpret_flag()
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def jit(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`triton.jit`; the plain function when triton is not installed (the probe then refuses to run)."""
-    return triton.jit(fn) if triton is not None else fn
+def jit(fn: Callable[..., Any] | None = None, *, do_not_specialize: tuple[str, ...] | list[str] = ()) -> Any:
+    """`triton.jit` (as `@jit` or `@jit(do_not_specialize=[...])`); the plain function when triton is not
+    installed (the probe then refuses to run).
+
+    `do_not_specialize` names integer arguments that vary from call to call (lengths, offsets, row
+    starts): Triton otherwise compiles one variant per value class (== 1, divisible by 16, other)."""
+    if fn is None:
+        return lambda f: jit(f, do_not_specialize=do_not_specialize)
+    if triton is None:
+        return fn
+    return triton.jit(fn, do_not_specialize=list(do_not_specialize)) if do_not_specialize else triton.jit(fn)
 
 
 def autotune(configs: list[dict[str, Any]], key: list[str], interpret: dict[str, Any]) -> Callable[[Any], Any]:

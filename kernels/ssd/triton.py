@@ -105,21 +105,20 @@ def _state_pass_kernel(S, G, INIT, OUT, nC, H, PN, HAS_INIT: tl.constexpr, REVER
 
 @autotune(_WARPS, key=["BP", "BN", "Q", "HAS_SEG"], interpret={})
 @jit
-def _chunk_scan_kernel(XD, CS, Bm, Cm, V, HS, SEG, Y, T, H, R, P, N, sbb, sbt, sbg, ssb,
+def _chunk_scan_kernel(XD, CS, Bm, Cm, V, HS, SEG, Y, T, H, R, P, N, sbb, sbt, sbg, scb, sct, scg, ssb,
                        HAS_SEG: tl.constexpr, Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr):
     """Y[b, chunk c, h] = (C B^T * L) xd + v * (C H_c^T), fp32."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
-    grp = (h // R) * sbg
     t = c * Q + tl.arange(0, Q)
     pp = tl.arange(0, BP)
     nn = tl.arange(0, BN)
     nchunks = tl.num_programs(0)
     xd = _load_rows(XD, b, t, h * P, T, P, T * H * P, H * P, BP)
-    bm = _load_rows(Bm, b, t, grp, T, N, sbb, sbt, BN)
-    cm = _load_rows(Cm, b, t, grp, T, N, sbb, sbt, BN)
+    bm = _load_rows(Bm, b, t, (h // R) * sbg, T, N, sbb, sbt, BN)
+    cm = _load_rows(Cm, b, t, (h // R) * scg, T, N, scb, sct, BN)
     decay, cs = _decay_matrix(CS, SEG, b, t, h, T, H, ssb, HAS_SEG)
     v = tl.load(V + (b * T + t) * H + h, mask=t < T, other=0.0)
     hc = tl.load(HS + ((b * (nchunks + 1) + c) * H + h) * P * N + pp[:, None] * N + nn[None, :],
@@ -131,7 +130,7 @@ def _chunk_scan_kernel(XD, CS, Bm, Cm, V, HS, SEG, Y, T, H, R, P, N, sbb, sbt, s
 @autotune(_WARPS, key=["BP", "BN", "Q", "HAS_SEG"], interpret={})
 @jit
 def _chunk_scan_bwd_kernel(XD, CS, Bm, Cm, V, W, HS, DHS, DY, SEG, DXD, DB, DC, DCS, DW, DV,
-                           T, H, R, P, N, sbb, sbt, sbg, ssb,
+                           T, H, R, P, N, sbb, sbt, sbg, scb, sct, scg, ssb,
                            HAS_SEG: tl.constexpr, Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                            DOT: tl.constexpr):
     """Gradients of one chunk (see the module docstring); DB, DC per head, everything fp32."""
@@ -139,7 +138,6 @@ def _chunk_scan_bwd_kernel(XD, CS, Bm, Cm, V, W, HS, DHS, DY, SEG, DXD, DB, DC, 
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
-    grp = (h // R) * sbg
     t = c * Q + tl.arange(0, Q)
     rows = t < T
     pp = tl.arange(0, BP)
@@ -147,8 +145,8 @@ def _chunk_scan_bwd_kernel(XD, CS, Bm, Cm, V, W, HS, DHS, DY, SEG, DXD, DB, DC, 
     nchunks = tl.num_programs(0)
     xd = _load_rows(XD, b, t, h * P, T, P, T * H * P, H * P, BP)
     dy = _load_rows(DY, b, t, h * P, T, P, T * H * P, H * P, BP)
-    bm = _load_rows(Bm, b, t, grp, T, N, sbb, sbt, BN)
-    cm = _load_rows(Cm, b, t, grp, T, N, sbb, sbt, BN)
+    bm = _load_rows(Bm, b, t, (h // R) * sbg, T, N, sbb, sbt, BN)
+    cm = _load_rows(Cm, b, t, (h // R) * scg, T, N, scb, sct, BN)
     decay, cs = _decay_matrix(CS, SEG, b, t, h, T, H, ssb, HAS_SEG)
     v = tl.load(V + (b * T + t) * H + h, mask=rows, other=0.0)
     w = tl.load(W + (b * T + t) * H + h, mask=rows, other=0.0)
@@ -219,7 +217,7 @@ class _SSDTriton(torch.autograd.Function):
         states = _state_pass(_chunk_outer(xd, w, Bm, nC, Q), g, init32, reverse=False)
         y = torch.empty(Bt, T, H, P, dtype=torch.float32, device=xd.device)
         _chunk_scan_kernel[(nC, Bt * H)](xd, cs, Bm, Cm, v, states, seg if seg is not None else cs, y, T, H, H // G, P, N,
-                                         Bm.stride(0), Bm.stride(1), Bm.stride(2), 0 if seg is None else seg.stride(0),
+                                         *Bm.stride()[:3], *Cm.stride()[:3], 0 if seg is None else seg.stride(0),
                                          HAS_SEG=seg is not None, Q=Q, BP=next_pow2(P), BN=next_pow2(N),
                                          DOT=dot_dtype(Bm.dtype))
         ctx.save_for_backward(xd, cs, Bm, Cm, w, v, g, states, seg)
@@ -243,7 +241,7 @@ class _SSDTriton(torch.autograd.Function):
         dcs, dw, dv = (torch.empty(Bt, T, H, dtype=torch.float32, device=xd.device) for _ in range(3))
         _chunk_scan_bwd_kernel[(nC, Bt * H)](xd, cs, Bm, Cm, v, w, states, dstates, dy, seg if seg is not None else cs,
                                              dxd, db, dc, dcs, dw, dv, T, H, H // G, P, N,
-                                             Bm.stride(0), Bm.stride(1), Bm.stride(2), 0 if seg is None else seg.stride(0),
+                                             *Bm.stride()[:3], *Cm.stride()[:3], 0 if seg is None else seg.stride(0),
                                              HAS_SEG=seg is not None, Q=Q, BP=next_pow2(P), BN=next_pow2(N),
                                              DOT=dot_dtype(Bm.dtype))
         db = rearrange(db, "b t (g r) n -> b t g r n", g=G).sum(3).to(Bm.dtype)
