@@ -180,7 +180,8 @@ def test_user_registers_an_attention_backend_with_one_decorator(restore_attentio
 # ---------------------------------------------------------------- the attention op's built-in backends
 def test_attention_backends_ranked():
     names = list(attention.reasons(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)))
-    assert names[-2:] == ["sdpa", "reference"]
+    assert names[-1] == "reference"
+    assert names.index("sdpa") < names.index("triton")  # our own kernels rank below torch's until measured
     assert attention.backends["sdpa"].priority > attention.backends["reference"].priority
 
 
