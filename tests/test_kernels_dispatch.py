@@ -268,8 +268,8 @@ def test_xformers_backend_logic_on_cpu(name, grad, monkeypatch):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
-def test_xformers_rejects_non_contiguous_segments():
-    from kernels.attention.xformers import _blocks
+def test_varlen_blocks_reject_non_contiguous_segments():
+    from kernels.packing import segment_blocks
 
     with pytest.raises(ValueError, match="row 0: segments must be contiguous"):
-        _blocks(torch.tensor([[0, 0, 1, 0]]), 4)
+        segment_blocks(torch.tensor([[0, 0, 1, 0]]), 4)
