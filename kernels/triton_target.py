@@ -157,6 +157,8 @@ class _FakeDriver:
 class _NotLaunched:
     """Stands in for a compiled kernel: launching it does nothing."""
 
+    function = packed_metadata = None
+
     def __init__(self, report: Report):
         self.report = report
 

@@ -1,4 +1,9 @@
-"""Random input cases for every op, shared by the conformance suite (never zeros)."""
+"""Random input cases for every op, shared by the conformance suite (never zeros).
+
+Tags: "tiny" cases also run the Triton backends in the CPU interpreter; "gpu" cases run on CUDA only
+(sizes that matter there: the feedback solve's row groups, head dims up to 256, P = N = 128);
+"large" cases run in half precision only (their float32 Triton kernels take minutes to compile).
+"""
 
 from __future__ import annotations
 
@@ -77,6 +82,8 @@ ATTENTION_CASES = [
     attention_case(2, 19, 19, 2, 2, 32, window=5),
     attention_case(1, 20, 20, 2, 1, 32, packed=[7, 1, 12], tags={"tiny", "packed"}),
     attention_case(2, 9, 13, 4, 2, 32, window=6, strided=True, tags={"tiny", "strided"}),
+    attention_case(2, 300, 300, 4, 1, 128, window=100, packed=[100, 1, 199], tags={"gpu", "packed"}),
+    attention_case(1, 70, 70, 2, 1, 256, strided=True, tags={"gpu", "large", "strided"}),
 ]
 
 
@@ -119,6 +126,8 @@ FEEDBACK_CASES = [
     feedback_case(1, 128, 16),
     feedback_case(1, 129, 16, Dk=8),
     feedback_case(1, 300, 16, P=5, packed=[40, 1, 150, 114], tags={"packed"}),
+    feedback_case(1, 600, 64, tags={"gpu"}),  # crosses the Triton solve's 512-row groups
+    feedback_case(2, 300, 128, P=40, packed=[100, 1, 239], strided=True, tags={"gpu", "packed", "strided"}),
 ]
 
 
@@ -149,6 +158,8 @@ SSD_CASES = [
     ssd_case(2, 20, 2, 8, 1, 8, init=True, chunk_size=8, tags={"tiny"}),
     ssd_case(1, 23, 2, 8, 1, 8, packed=[5, 1, 17], chunk_size=8, tags={"tiny", "packed"}),
     ssd_case(2, 21, 4, 8, 2, 16, init=True, strided=True, tags={"tiny", "strided"}),
+    ssd_case(2, 300, 4, 64, 2, 64, init=True, packed=[100, 1, 199], chunk_size=64, tags={"gpu", "packed"}),
+    ssd_case(1, 200, 2, 128, 1, 128, chunk_size=64, strided=True, tags={"gpu", "large", "strided"}),
 ]
 
 CASES = {"attention": ATTENTION_CASES, "feedback_solve": FEEDBACK_CASES, "ssd": SSD_CASES}

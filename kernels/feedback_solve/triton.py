@@ -53,7 +53,7 @@ _TILE_CONFIGS = [dict(BR=64, BC=64, BK=64, num_warps=4, num_stages=3),
 _TILE_INTERPRET = dict(BR=16, BC=16, BK=16)
 _TILE_KEY = ["DK", "HAS_SEG", "DOT", "TB"]  # TB: the keys' length bucket
 # row / column / length arguments that change from call to call (and group to group): never specialised on
-_LENGTHS = ["T", "L", "P", "ssb", "r0", "nrows", "c0", "ncols", "blk0", "nblk", "col0", "row0", "swpb", "swpr",
+_LENGTHS = ["T", "L", "P", "ssb", "r0", "nrows", "c0", "ncols", "blk0", "nblk", "col0", "row0", "swpb", "swpr", "sgb",
             "sgr", "TB"]
 
 
