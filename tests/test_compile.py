@@ -1,0 +1,85 @@
+"""torch.compile(model, fullgraph=True) for every registered library mixer and a hybrid language model.
+
+Dispatch resolves while dynamo traces (guards on dtype, device and shape) and its one-time log line
+runs at trace time, so the graphs hold only the chosen backends' computation: zero graph breaks
+(torch._dynamo.explain), and fullgraph=True compiles whose forward and backward equal eager ones:
+with dynamo's "eager" backend here (seconds), with inductor in a slow test (minutes on 2 cores).
+T = 140 exercises the chunked backends (feedback_solve's `chunked` takes T >= 129).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch._dynamo
+
+import kernels.dispatch as dispatch
+from blocks.gated_block import GatedBlock
+from tests.test_blocks import MIXERS, OPTIONS
+from zoo.models import CausalLM
+from zoo.registry import REGISTRY
+from zoo.stack import Stack
+
+DIM, T = 32, 140
+
+
+def _block(name: str) -> torch.nn.Module:
+    entry = REGISTRY.mixer(name)
+    torch.manual_seed(0)
+    return GatedBlock(DIM, lambda d: entry.source(d, **OPTIONS.get(name, {})))
+
+
+def _compiled_matches_eager(model: torch.nn.Module, x: torch.Tensor, backend: str = "eager") -> None:
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    y = compiled(x)
+    y.float().square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    want = model(x)
+    want.float().square().sum().backward()
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_mixer_compiles_without_graph_breaks(mixer):
+    block = _block(mixer)
+    x = torch.randn(2, T, DIM)
+    explained = torch._dynamo.explain(block)(x)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    _compiled_matches_eager(block, x)
+
+
+def _hybrid() -> CausalLM:
+    torch.manual_seed(0)
+    return CausalLM(50, DIM, Stack(DIM, "".join(REGISTRY.mixer(m).symbol for m in MIXERS if REGISTRY.mixer(m).symbol)))
+
+
+def test_hybrid_language_model_compiles_whole():
+    model, tokens = _hybrid(), torch.randint(50, (2, T))
+    explained = torch._dynamo.explain(model)(tokens)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    _compiled_matches_eager(model, tokens)
+
+
+@pytest.mark.slow
+def test_hybrid_language_model_with_inductor():
+    _compiled_matches_eager(_hybrid(), torch.randint(50, (2, T)), backend="inductor")
+
+
+def test_dispatch_logs_once_at_trace_time(caplog):
+    """Under compile the choice is announced while tracing (not in the graph, not per call)."""
+    block = _block("attention")
+    dispatch._logged.discard(("attention", "sdpa"))
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="eager")
+    x = torch.randn(2, 9, DIM)
+    with caplog.at_level(logging.INFO, logger="kernels"):
+        for _ in range(3):
+            compiled(x)
+    lines = [r.getMessage() for r in caplog.records if r.name == "kernels"]
+    assert lines == ["attention: using backend 'sdpa'"]
