@@ -28,8 +28,8 @@ import torch
 
 import kernels
 from kernels.triton_utils import INTERPRET
+from zoo.bench import DTYPES, sync
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 CHECK_TOL = {torch.float32: 2e-3, torch.bfloat16: 4e-2, torch.float16: 1e-2}  # max error / max |reference|
 BASELINE = {"feedback_solve": "reference", "attention": "sdpa", "ssd": "chunked"}
 TIMED = {"feedback_solve": ["reference", "chunked", "triton"], "attention": ["sdpa", "xformers", "triton"],
@@ -160,27 +160,22 @@ def run_checks(device: torch.device, tiny: bool) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ timing
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _measure(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float]:
     """(best milliseconds, peak MiB above what was allocated before) of fn(), after one warm-up call."""
     fn()  # warm-up: compilation and autotuning
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     peak = math.nan
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         fn()
-        _sync(device)
+        sync(device)
         peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     return min(times) * 1e3, peak
 
