@@ -47,6 +47,7 @@ Make = Callable[[torch.dtype, torch.device], tuple[tuple, dict]]
 class Case:
     name: str
     make: Make  # (dtype, device) -> (args, kwargs); float tensors get gradients checked
+    large: bool = False  # head / state dims whose float32 Triton kernels take minutes to compile
 
 
 CASES: dict[str, list[Case]] = {}
@@ -74,7 +75,7 @@ def _segments(lengths: list[int], B: int, device: torch.device) -> Tensor:
 
 
 def attention_case(name: str, B: int, Tq: int, S: int, H: int, Hkv: int, d: int, window: int | None = None,
-                   packed: list[int] | None = None, strided: bool = False) -> Case:
+                   packed: list[int] | None = None, strided: bool = False, large: bool = False) -> Case:
     def make(dtype, device):
         g = _gen(name)
         kw = {} if window is None else dict(window=window)
@@ -82,7 +83,7 @@ def attention_case(name: str, B: int, Tq: int, S: int, H: int, Hkv: int, d: int,
             kw["seq_idx"] = _segments(packed, B, device)
         return tuple(_randn(g, B, n, h, d, dtype=dtype, device=device, strided=strided)
                      for n, h in ((Tq, H), (S, Hkv), (S, Hkv))), kw
-    return Case(name, make)
+    return Case(name, make, large)
 
 
 def feedback_case(name: str, B: int, T: int, D: int, Dk: int | None = None, P: int = 0,
@@ -104,7 +105,7 @@ def feedback_case(name: str, B: int, T: int, D: int, Dk: int | None = None, P: i
 
 
 def ssd_case(name: str, B: int, T: int, H: int, P: int, G: int, N: int, init: bool = False,
-             packed: list[int] | None = None, strided: bool = False) -> Case:
+             packed: list[int] | None = None, strided: bool = False, large: bool = False) -> Case:
     def make(dtype, device):
         g = _gen(name)
         dt = torch.nn.functional.softplus(torch.randn(B, T, H, generator=g) - 1).to(device=device, dtype=dtype)
@@ -117,14 +118,14 @@ def ssd_case(name: str, B: int, T: int, H: int, P: int, G: int, N: int, init: bo
         x = _randn(g, B, T, H, P, dtype=dtype, device=device, strided=strided)
         Bm, Cm = (_randn(g, B, T, G, N, dtype=dtype, device=device, strided=strided) for _ in range(2))
         return (x, dt, A, Bm, Cm), kw
-    return Case(name, make)
+    return Case(name, make, large)
 
 
 register_cases("attention", [
     attention_case("T77-H4-Hkv2-d64", 2, 77, 77, 4, 2, 64),
     attention_case("Tq5-S150-Hkv1-d128-window64", 2, 5, 150, 4, 1, 128, window=64),
     attention_case("T200-packed-strided", 1, 200, 200, 2, 2, 32, packed=[70, 1, 129], strided=True),
-    attention_case("T70-d256", 1, 70, 70, 2, 1, 256),
+    attention_case("T70-d256", 1, 70, 70, 2, 1, 256, large=True),
 ])
 register_cases("feedback_solve", [
     feedback_case("T300-D128", 2, 300, 128),
@@ -134,7 +135,7 @@ register_cases("feedback_solve", [
 ])
 register_cases("ssd", [
     ssd_case("T300-P64-G2-N64-init-packed", 2, 300, 4, 64, 2, 64, init=True, packed=[100, 1, 199]),
-    ssd_case("T129-P128-N128", 1, 129, 2, 128, 1, 128),
+    ssd_case("T129-P128-N128", 1, 129, 2, 128, 1, 128, large=True),
     ssd_case("T77-H3-P24-N20-strided", 2, 77, 3, 24, 1, 20, strided=True),
 ])
 
@@ -317,13 +318,14 @@ def _verdict(rows: list[Row]) -> bool:
 
 def validate(ops: list[str] | None = None, backends: list[str] | None = None, device: torch.device | str | None = None,
              dtypes: tuple[torch.dtype, ...] = DTYPES, store: bool = True,
-             progress: Callable[[Row], None] | None = None) -> Report:
+             progress: Callable[[Row], None] | None = None, quick: bool = False) -> Report:
     """Check backends on `device` (default: the current CUDA device, else CPU) against reference.
 
     ops / backends: which to check (default: every backend registered with needs_validation=True;
     name others to check them too). A backend is validated when every case it accepts passes in every
     dtype and at least one ran; `store` writes the verdicts to cache_file() and dispatch trusts the
-    passed ones at once. `progress(row)` is called after each row."""
+    passed ones at once. `progress(row)` is called after each row. `quick` runs the large cases in
+    half precision only (a quick check, never stored)."""
     device = _device(device)
     report = Report(device_key(device))
     for op_name in ops or list(OPS):
@@ -336,12 +338,14 @@ def validate(ops: list[str] | None = None, backends: list[str] | None = None, de
             rows = []
             for case in CASES[op_name]:
                 for dtype in dtypes:
+                    if quick and case.large and dtype == torch.float32:
+                        continue
                     rows.append(check_case(op_name, backend, case, dtype, device))
                     if progress is not None:
                         progress(rows[-1])
             report.rows += rows
             report.verdicts[f"{op_name}/{backend}"] = _verdict(rows)
-    if store and report.verdicts:
+    if store and report.verdicts and not quick:
         data = _read()
         entries = data["results"].setdefault(report.device, {})
         when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

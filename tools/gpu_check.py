@@ -7,9 +7,9 @@
 1. Versions: device, torch, CUDA, Triton, xformers, flash-attn, mamba-ssm.
 2. Correctness: every backend of every op that can run on the device against `reference` (float64)
    on kernels.validation's cases (odd lengths, GQA, windows, segments, caches, strided views, large
-   head and state dims), float32 and bfloat16, forward and every gradient, one autotune config per
-   Triton kernel (kernels.triton_utils.single_config). `--store` also records the verdicts, as
-   `tools/validate.py` would.
+   head and state dims: bfloat16 only unless --store), float32 and bfloat16, forward and every
+   gradient, one autotune config per Triton kernel (kernels.triton_utils.single_config). `--store`
+   runs the full set and records the verdicts, as `tools/validate.py` would.
 3. Speed at B = 1, T = 8192, D = 1024, 16 heads (head dim 64; ssd: P = 64, N = 128), bfloat16: each
    backend's forward against the op's baseline (attention: SDPA forced to its flash kernel; feedback
    solve and ssd: `chunked`), then median forward and forward + backward times, as ratios to SDPA's
@@ -81,6 +81,7 @@ def correctness(device: torch.device, store: bool, dry_run: bool) -> list[Row]:
             for op in cases:
                 backends = [b for b in OPS[op].backends if b != "reference"]
                 report = validation.validate([op], backends, device, (torch.float32, torch.bfloat16), store=store,
+                                             quick=not store,
                                              progress=lambda r: print(f"  checked {r.op}/{r.backend} {r.case} {r.dtype}",
                                                                       file=sys.stderr, flush=True))
                 for r in report.rows:
@@ -234,7 +235,7 @@ def count_compiles() -> None:
             for op, cases in validation.CASES.items():
                 fn = kernels.get_op(op).backends["triton"].fn
                 for case in cases:
-                    for dtype in (torch.float32, torch.bfloat16):
+                    for dtype in (torch.bfloat16,) if case.large else (torch.float32, torch.bfloat16):
                         args, kwargs = validation._leafy(*case.make(dtype, cpu))
                         out = fn(*args, **kwargs)
                         out = out[0] if isinstance(out, tuple) else out
