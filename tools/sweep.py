@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> str:
                          [*spec.gin_params, *args.gin_param, f"TrainConfig.seed = {seed}"])
         config = configurables.configured_train_config()
         task = configurables.configured_task()
-        train(config, gin_config.build_model, task, folder, resume=checkpoint.latest(folder / "checkpoints") is not None,
+        resume = checkpoint.latest(folder / "checkpoints") is not None  # else a run killed early is set aside
+        train(config, gin_config.build_model, task, folder, resume=resume, set_aside=not resume,
               operative_config=gin_config.operative_config)
 
     table, plot = write_summary(out, spec, title)
