@@ -21,6 +21,10 @@ class ResidualBlock(nn.Module):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"unknown norm={norm!r}; valid: {', '.join(NORMS)}")
+        for name, factory, example in (("mixer", mixer, "@Sessa"), ("mlp", mlp, "@MLP")):
+            if isinstance(factory, str) or not (callable(factory) or (name == "mlp" and factory is None)):
+                raise TypeError(f"ResidualBlock: {name} must be a factory {name}(dim) -> module (a class, or "
+                                f"{example} in gin), not a name; got {name}={factory!r}")
         self.dim = dim
         self.norm1 = NORMS[norm](dim, eps=norm_eps)
         self.mixer = mixer(dim)

@@ -11,14 +11,12 @@ final_metrics.json, checkpoints/ and plots/; evaluate it again with tools/evalua
 
 from __future__ import annotations
 
-import argparse
-import inspect
 import time
 from pathlib import Path
 
 import torch
 
-from zoo import gin_config
+from zoo import cli, gin_config
 from zoo.summary import summarize
 from zoo.train import configurables
 from zoo.train.evaluate import metrics_table
@@ -28,11 +26,10 @@ CHANCE = 1 / 20
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=inspect.cleandoc(__doc__ or ""),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     gin_config.add_gin_args(parser)
     parser.add_argument("--run_dir", type=Path, default=None, help="default: runs/demo-<date>-<time>")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=cli.positive_int, default=1,
                         help="torch CPU threads (default 1: this tiny model gains little from more, and when the "
                              "cores are shared, extra OpenMP threads can slow every step down many times over)")
     args = parser.parse_args(argv)
@@ -63,4 +60,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -17,7 +17,6 @@ MQAR per lag bucket) and one figure: <out>/reproduction.md and <out>/reproductio
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import os
 import queue
@@ -30,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from zoo import cli  # noqa: E402
 from zoo.train.configurables import read_sweep  # noqa: E402
 from zoo.train.sweep import SweepSpec, collect, mean_std, write_summary  # noqa: E402
 from zoo.plots import pyplot, save_figure
@@ -146,19 +146,16 @@ def plot(results: dict[str, dict[str, list[dict]]], path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=inspect.cleandoc(__doc__ or ""),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("--tasks", nargs="+", choices=sorted(SWEEPS), default=list(SWEEPS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=cli.nonnegative_int, nargs="+", default=[0, 1])
     parser.add_argument("--only", nargs="+", default=None, help="run only these models (default: all six)")
     parser.add_argument("--gin_param", action="append", default=[], help="binding for every run (repeatable)")
-    parser.add_argument("--workers", type=int, default=2, help="parallel worker processes (default 2)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    parser.add_argument("--workers", type=cli.positive_int, default=2, help="parallel worker processes (default 2)")
+    parser.add_argument("--threads", type=cli.positive_int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--out", type=Path, default=Path("runs/reproduction"), help="output folder")
     parser.add_argument("--report_only", action="store_true", help="only rebuild the report from finished runs")
     args = parser.parse_args(argv)
-    if args.workers < 1 or args.threads < 1:
-        parser.error("--workers and --threads must be >= 1")
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.only:
@@ -190,4 +187,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

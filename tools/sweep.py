@@ -18,10 +18,9 @@ interrupted ones resumed, so re-running a sweep completes it. Writes <out>/sweep
 from __future__ import annotations
 
 import argparse
-import inspect
 from pathlib import Path
 
-from zoo import gin_config
+from zoo import cli, gin_config
 from zoo.train import checkpoint, configurables
 from zoo.train.loop import train
 from zoo.train.sweep import SweepSpec, run_folder, write_summary
@@ -35,14 +34,13 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=inspect.cleandoc(__doc__ or ""),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("--sweep", default=None, help="sweep file binding SweepSpec.variants / seeds / ...")
     parser.add_argument("--variant", type=parse_variant, action="append", default=[], metavar="NAME=FILE[,FILE]",
                         help="a variant (repeatable; added to the sweep file's)")
     parser.add_argument("--base", action="append", default=[], help="gin file before every variant (repeatable)")
     gin_config.add_gin_args(parser)
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the sweep file's, or 0)")
+    parser.add_argument("--seeds", type=cli.nonnegative_int, nargs="+", default=None, help="seeds (default: the sweep file's, or 0)")
     parser.add_argument("--only", nargs="+", default=None, help="run only these variants")
     parser.add_argument("--out", type=Path, default=None, help="sweep folder (default: runs/sweeps/<sweep file stem>)")
     args = parser.parse_args(argv)
@@ -83,4 +81,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -43,7 +43,7 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
     debug = "--debug" in args or os.environ.get("ZOO_DEBUG", "") not in ("", "0")
     prog = Path(inspect.getfile(main)).name
     try:
-        main(args)
+        main([a for a in args if a != "--debug"])  # every tool's parser accepts it, but not after a subcommand
     except KeyboardInterrupt:
         if debug:
             raise
@@ -57,10 +57,11 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
 
 
 def message(error: BaseException) -> str:
-    """The error's own message (its type when it has none, or when the type says what is wrong)."""
-    text = str(error).strip()
-    if isinstance(error, KeyError) and len(error.args) == 1:
-        text = str(error.args[0])
+    """The error's message on one line (prefixed with its type unless that adds nothing)."""
+    text = str(error.args[0]) if isinstance(error, KeyError) and len(error.args) == 1 else str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    text = "".join(line + ("" if i == len(lines) - 1 else " " if line.endswith(":") else "; ")
+                   for i, line in enumerate(lines))
     name = type(error).__name__
     if not text:
         return name

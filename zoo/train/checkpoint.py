@@ -292,11 +292,10 @@ def read_state(checkpoint: str | Path) -> dict:
 
 
 def _refusal(error: Exception) -> str:
-    """What torch's safe loader objected to, without its advice to load the file unsafely."""
-    lines = [line.strip() for line in str(error).splitlines()]
-    kept = [line.removeprefix("WeightsUnpickler error:").strip() for line in lines
-            if line and "weights_only" not in line and "torch.load" not in line and "file an issue" not in line]
-    return "; ".join(line for line in kept if line) or "unsupported content"
+    """What torch's safe loader objected to, without its advice on how to load the file anyway."""
+    found = re.search(r"(unsupported GLOBAL [\w.]+|Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+)", str(error),
+                      re.IGNORECASE)
+    return found.group(1) if found else "content that is not tensors, numbers, strings or containers"
 
 
 # ----------------------------------------------------------------------------- model <-> checkpoint
