@@ -5,8 +5,10 @@ the exception type, and the words its message must contain (the argument or the 
 Groups: "data_loss" (runs and checkpoints: the bytes on disk are checked as well;
 test_bad_inputs_runs.py), "silent" (inputs that gave a wrong result without a word), "unclear"
 (inputs that failed with a message that did not say what was wrong) and "security". A new group
-is one more table: a list of `Bad` cases in its own test_bad_inputs_<group>.py, run with
-`run_case` and added to the count in test_bad_inputs.py.
+(say "nan": NaN-poisoned inputs) is one more table: a list of `Bad` cases in its own
+test_bad_inputs_<group>.py, run with `run_case`, and one more entry in `test_matrix_covers_every_group`
+(test_bad_inputs.py). A case whose input is valid but must give a checked result (NaN in, NaN out
+at the same positions) sets `raises=None` and an `expect(result)` that asserts it.
 
 A command-line case raises SystemExit: its stderr must end with one `<tool>.py: error: ...` line
 (status 1) or argparse's usage error (status 2), without a traceback, naming the argument.
@@ -37,23 +39,32 @@ class Ctx:
 
 @dataclass(frozen=True)
 class Bad:
-    """One bad input: `call(ctx)` must raise `raises` with every string of `names` in its message."""
+    """One bad input: `call(ctx)` must raise `raises` with every string of `names` in its message
+    (or, with raises=None, return a result that `expect(result)` accepts)."""
 
     id: str
     call: Callable[[Ctx], object]
-    raises: type[BaseException]
+    raises: type[BaseException] | None
     names: tuple[str, ...] = field(default_factory=tuple)
     absent: tuple[str, ...] = ()  # words the message must not contain
+    expect: Callable[[object], None] | None = None
 
     def __post_init__(self):
         if isinstance(self.names, str):
             object.__setattr__(self, "names", (self.names,))
-        assert self.names, f"{self.id}: a case must say which argument or file its message names"
+        if self.raises is None:
+            assert self.expect is not None, f"{self.id}: a case that raises nothing must check its result"
+        else:
+            assert self.names, f"{self.id}: a case must say which argument or file its message names"
 
 
 def run_case(case: Bad, ctx: Ctx, capsys) -> None:
-    """Call the case; check the exception type and that its message (stderr for a tool) names the culprit."""
+    """Call the case; check the exception type and that its message (stderr for a tool) names the
+    culprit, or, for a case that must not raise, check its result."""
     capsys.readouterr()
+    if case.raises is None:
+        case.expect(case.call(ctx))
+        return
     with pytest.raises(case.raises) as info:
         case.call(ctx)
     if isinstance(info.value, SystemExit):

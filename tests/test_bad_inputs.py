@@ -220,7 +220,7 @@ def _evil_state(ctx, how: str, keep_manifest: bool = False):
     if how == "torch":
         torch.save({"step": 1, "x": _Payload(marker)}, buf)
     elif how == "pickle":
-        pickle.dump({"step": 1, "x": _Payload(marker)}, buf)
+        pickle.dump({"step": 1, "x": _Payload(marker)}, buf, protocol=2)
     elif how == "nested":
         torch.save({"step": 1, "optimizer": {"state": [_Payload(marker)]}}, buf)
     (folder / checkpoint.STATE).write_bytes(buf.getvalue())

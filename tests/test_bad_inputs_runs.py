@@ -24,7 +24,7 @@ from tests.bad_inputs import check_message, tree_hashes
 from zoo import gin_config
 from zoo.train import checkpoint, configurables
 from zoo.train.loop import train
-from zoo.train.optim import adamw
+from zoo.train.optim import adamw, warmup_cosine
 from zoo.train.run_dir import read_final, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,6 +192,16 @@ def _continued_to_6(run_dir: Path, _parent: Path, before: dict[str, str], _base:
     assert [p.name for p in checkpoint.list_checkpoints(run_dir / "checkpoints")][-1] == "step_00000006"
     assert read_final(run_dir)["step"] == 6
     assert [r["step"] for r in read_metrics(run_dir) if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    # the schedule is re-evaluated for 6 steps from the checkpoint's step on (docs/training.md)
+    lrs = {r["step"]: r["lr"] for r in read_metrics(run_dir) if r["split"] == "train"}
+    assert lrs[5] == pytest.approx(1e-2 * warmup_cosine(4, total_steps=6, min_ratio=0.1), rel=1e-9)
+    assert lrs[4] == pytest.approx(1e-2 * warmup_cosine(3, total_steps=4, min_ratio=0.1), rel=1e-9)
+
+
+def _final_evaluation_redone(run_dir: Path, _parent: Path, before: dict[str, str], base: Path) -> None:
+    """Killed during the final evaluation: only that runs again, its record is not duplicated."""
+    assert read_final(run_dir)["validation"] == read_final(base)["validation"]
+    assert read_metrics(run_dir) == read_metrics(base)
 
 
 def _set_aside_kept(run_dir: Path, parent: Path, before: dict[str, str], _base: Path) -> None:
@@ -262,6 +272,10 @@ CASES = [
              None, ("already finished", "step 4")),
     DataLoss("resume_finished_run_cli", "finished", lambda d: _cli("train", "--run_dir", str(d), "--resume"),
              None, ("already finished",)),
+    DataLoss("resume_finished_run_without_final_metrics", "finished",
+             lambda d: ((d / "final_metrics.json").unlink(), run(d, "TrainConfig.steps = 4", resume=True)),
+             None, ("resumed",), unchanged=("checkpoints/*", "checkpoints/*/*", "config.gin"),
+             check=_final_evaluation_redone),
     DataLoss("resume_with_fewer_steps", "finished", lambda d: run(d, "TrainConfig.steps = 2", resume=True),
              ValueError, ("step 4", "TrainConfig.steps = 2")),
     DataLoss("resume_with_fewer_steps_than_killed_run", "killed", lambda d: run(d, "TrainConfig.steps = 1", resume=True),

@@ -386,3 +386,64 @@ def test_bad_input(case: Bad, ctx, capsys, monkeypatch):
     monkeypatch.setenv("ZOO_BACKENDS", "")
     monkeypatch.setenv("ZOO_CHECK_VALUES", "")
     run_case(case, ctx, capsys)
+
+
+# ----------------------------------------------------------------------------- what must keep working
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_format_half_precision(dtype):
+    """Valid float16/bfloat16 reference checkpoints load (their RoPE buffer was cast too), and a
+    block cast with .half() exports and loads back with the same weights."""
+    block = GatedBlock(D, partial(Sessa, num_heads=2, num_kv_heads=1))
+    sd = {k: v.to(dtype) for k, v in to_reference_state_dict(block).items()}
+    loaded = load_reference_block(sd)
+    assert loaded.mixer.q_proj.weight.dtype == dtype and loaded.mixer.num_kv_heads == 1
+    assert loaded.mixer.rope.inv_freq.dtype == torch.float32  # never rounded to the block's dtype
+    assert torch.equal(loaded.mixer.rope.inv_freq, block.mixer.rope.inv_freq)
+    exported = to_reference_state_dict(block.to(dtype))
+    assert exported["mixer.rope_inv_freq"].dtype == dtype
+    again = load_reference_block(exported)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), block.state_dict().values()))
+
+
+def test_decoding_with_autograd_on_gives_the_no_grad_result():
+    model = lm().eval()
+    prompt, step = tokens(T=5), tokens(T=1)
+    with torch.no_grad():
+        cache = StackCache.allocate(model, 1, 8)
+        expected = [model(prompt, cache=cache), model(step, cache=cache)]
+    cache = StackCache.allocate(model, 1, 8)
+    got = [model(prompt, cache=cache), model(step, cache=cache)]  # autograd on: allowed, no history kept
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    full = model(torch.cat([prompt, step], dim=1))  # gradients come from a call without cache=
+    full.sum().backward()
+    assert model.embed.weight.grad is not None
+
+
+def test_cli_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.bad_inputs import ROOT
+
+    cmd = [sys.executable, str(ROOT / "tools" / "evaluate.py"), str(tmp_path / "absent")]
+    plain = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert plain.returncode == 1 and "Traceback" not in plain.stderr
+    assert plain.stderr.strip().splitlines()[-1].startswith("evaluate.py: error: ") and "config.gin" in plain.stderr
+    debug = subprocess.run([*cmd, "--debug"], capture_output=True, text=True, cwd=ROOT)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "FileNotFoundError" in debug.stderr
+
+
+def test_a_second_process_cannot_train_into_a_locked_folder(tmp_path):
+    from zoo.train.run_dir import RunDir
+
+    first, second = RunDir(tmp_path / "run"), RunDir(tmp_path / "run")
+    first.lock()
+    try:
+        with pytest.raises(RuntimeError, match="is in use"):
+            second.lock()
+    finally:
+        first.unlock()
+    second.lock()  # free again once the first run is done
+    second.unlock()
+    assert list((tmp_path / "run").iterdir()) == []  # the lock adds no file to the run folder
