@@ -19,7 +19,8 @@ import torch
 from blocks.mamba2 import Mamba2
 from blocks.residual_block import ResidualBlock
 from tests.tolerances import INTEROP
-from tests.upstream_mamba2 import hf_to_reference_config, hf_to_ssm_state_dict, reference_greedy, reference_logits
+from tests.upstream_mamba2 import (HF_BASE, hf_model, hf_to_reference_config, hf_to_ssm_state_dict, reference_greedy,
+                                   reference_logits)
 from zoo import gin_config
 from zoo.generate import generate
 from zoo.interop import Mamba2LM, UnsupportedOptionError, load_hf_mamba2, load_mamba2, save_hf_mamba2
@@ -29,9 +30,7 @@ from zoo.stack import Stack
 transformers = pytest.importorskip("transformers")
 from transformers import Mamba2Config, Mamba2ForCausalLM  # noqa: E402
 
-V = 101
-BASE = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, state_size=8, head_dim=16, num_heads=4, n_groups=2,
-            chunk_size=8, pad_token_id=0, bos_token_id=None, eos_token_id=None)
+V = HF_BASE["vocab_size"]
 OPTIONS = {  # every Mamba2Config option that changes the computation, at a non-default value
     "defaults": {},
     "tie_word_embeddings": dict(tie_word_embeddings=True),
@@ -44,27 +43,6 @@ OPTIONS = {  # every Mamba2Config option that changes the computation, at a non-
     "expand_1_heads_2": dict(expand=1, num_heads=2),
 }
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
-
-
-def hf_model(dtype=torch.float32, seed=0, **options) -> Mamba2ForCausalLM:
-    """A tiny Mamba2ForCausalLM with every parameter randomised (so each one matters)."""
-    torch.manual_seed(seed)
-    model = Mamba2ForCausalLM(Mamba2Config(**{**BASE, **options})).to(dtype).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("A_log"):
-                p.copy_(torch.log(torch.empty_like(p).uniform_(1, 8)))
-            elif name.endswith("dt_bias"):
-                p.copy_(torch.empty_like(p).uniform_(-3, 0))
-            elif name.endswith("norm.weight") or name.endswith("norm_f.weight"):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif "embedding" in name or "lm_head" in name:
-                p.copy_(torch.randn_like(p))
-            elif name.endswith("out_proj.weight"):  # strong mixers: greedy outputs vary, not just echo the embedding
-                p.copy_(0.4 * torch.randn_like(p))
-            else:
-                p.add_(0.2 * torch.randn_like(p))
-    return model
 
 
 def tokens(B=3, T=19, seed=1):
@@ -174,7 +152,7 @@ def test_a_zoo_built_model_exports_and_the_gin_config_rebuilds_it(tmp_path):
     (dict(time_step_limit=[0.0]), "time_step_limit"),
 ])
 def test_unsupported_configs_fail_naming_the_option(tmp_path, options, match):
-    config = Mamba2Config(**BASE).to_dict()
+    config = Mamba2Config(**HF_BASE).to_dict()
     config.update(options)
     with pytest.raises(UnsupportedOptionError, match=match):
         Mamba2LM.from_hf_config(config)

@@ -17,14 +17,13 @@ import pytest
 import torch
 
 from tests.tolerances import INTEROP, INTEROP_FLOAT32_OF_MAX
-from tests.upstream_mamba2 import reference_greedy, reference_logits
+from tests.upstream_mamba2 import reference_greedy, reference_logits, ssm_config, ssm_state_dict
 from zoo import gin_config
 from zoo.generate import generate
 from zoo.interop import Mamba2LM, UnsupportedOptionError, load_mamba2, load_mamba_ssm, save_mamba_ssm
 from zoo.interop.mamba2 import SSM_CONFIG_DEFAULTS
 
-D, V = 32, 61
-SSM = dict(layer="Mamba2", d_state=8, headdim=16, chunk_size=8)
+V = 61
 OPTIONS = {  # MambaConfig / Mamba2 options that change the computation, at non-default values
     "defaults": {},
     "ngroups": dict(ssm_cfg=dict(ngroups=2)),
@@ -45,62 +44,6 @@ OPTIONS = {  # MambaConfig / Mamba2 options that change the computation, at non-
                                              dt_max=0.2, use_mem_eff_path=False, sequence_parallel=False)),
 }
 PROMPT = [3, 1, 4, 1, 5, 9, 2]
-
-
-def ssm_config(**options) -> dict:
-    """A tiny MambaConfig dict (every field written out, as mamba_ssm's save_pretrained does)."""
-    options = dict(options)
-    ssm = {**SSM, **options.pop("ssm_cfg", {})}
-    return {**SSM_CONFIG_DEFAULTS, "d_model": D, "n_layer": 2, "vocab_size": V, "ssm_cfg": ssm,
-            "pad_vocab_size_multiple": 1, **options}
-
-
-def ssm_state_dict(config: dict, dtype=torch.float64, seed=0) -> dict[str, torch.Tensor]:
-    """Random weights under mamba_ssm's names and shapes for `config` (every tensor randomised)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape, scale=0.3, shift=0.0):
-        return (shift + scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
-
-    s = {"d_state": 128, "d_conv": 4, "expand": 2, "headdim": 64, "d_ssm": None, "ngroups": 1, "D_has_hdim": False,
-         "rmsnorm": True, "bias": False, "conv_bias": True, **config["ssm_cfg"]}
-    d_inner = s["expand"] * config["d_model"]
-    d_ssm = s["d_ssm"] or d_inner
-    H, GN = d_ssm // s["headdim"], s["ngroups"] * s["d_state"]
-    vocab = config["vocab_size"] + -config["vocab_size"] % config["pad_vocab_size_multiple"]
-    hidden = -(-config["d_intermediate"] // 128) * 128
-
-    def norm(prefix):
-        out = {prefix + "weight": r(D, shift=1.0)}
-        if not config["rms_norm"]:
-            out[prefix + "bias"] = r(D, scale=0.1)
-        return out
-
-    sd = {"backbone.embedding.weight": r(vocab, D, scale=1.0)}
-    for i in range(config["n_layer"]):
-        p = f"backbone.layers.{i}."
-        sd.update(norm(p + "norm."))
-        m = p + "mixer."
-        sd[m + "in_proj.weight"] = r(2 * d_inner + 2 * GN + H, D)
-        sd[m + "conv1d.weight"] = r(d_ssm + 2 * GN, 1, s["d_conv"], scale=0.5)
-        if s["conv_bias"]:
-            sd[m + "conv1d.bias"] = r(d_ssm + 2 * GN, scale=0.3)
-        if s["bias"]:
-            sd[m + "in_proj.bias"] = r(2 * d_inner + 2 * GN + H, scale=0.2)
-            sd[m + "out_proj.bias"] = r(D, scale=0.2)
-        sd[m + "dt_bias"] = r(H, scale=0.8, shift=-1.5)
-        sd[m + "A_log"] = torch.log(torch.empty(H, dtype=torch.float64).uniform_(1, 8, generator=g)).to(dtype)
-        sd[m + "D"] = r(d_ssm if s["D_has_hdim"] else H, scale=1.0)
-        if s["rmsnorm"]:
-            sd[m + "norm.weight"] = r(d_ssm, shift=1.0)
-        sd[m + "out_proj.weight"] = r(D, d_inner, scale=0.4)
-        if hidden:
-            sd.update(norm(p + "norm2."))
-            sd[p + "mlp.fc1.weight"] = r(2 * hidden, D)
-            sd[p + "mlp.fc2.weight"] = r(D, hidden, scale=0.2)
-    sd.update(norm("backbone.norm_f."))
-    sd["lm_head.weight"] = sd["backbone.embedding.weight"] if config["tie_embeddings"] else r(vocab, D, scale=1.0)
-    return sd
 
 
 def tokens(B=2, T=13, seed=1):
@@ -218,10 +161,10 @@ def test_weights_that_do_not_fit_the_config_are_named():
 
 
 def test_export_refuses_what_mamba_ssm_cannot_represent(tmp_path):
-    model = Mamba2LM(vocab_size=V, dim=D, num_layers=1, norm_eps=1e-6, mixer=dict(head_dim=16)).build()
+    model = Mamba2LM(vocab_size=V, dim=32, num_layers=1, norm_eps=1e-6, mixer=dict(head_dim=16)).build()
     with pytest.raises(UnsupportedOptionError, match="norm eps=1e-06"):
         save_mamba_ssm(model, tmp_path / "a")
-    model = Mamba2LM(vocab_size=V, dim=D, num_layers=1, mixer=dict(head_dim=16, norm_eps=1e-3)).build()
+    model = Mamba2LM(vocab_size=V, dim=32, num_layers=1, mixer=dict(head_dim=16, norm_eps=1e-3)).build()
     with pytest.raises(UnsupportedOptionError, match="Mamba2 norm_eps=0.001"):
         save_mamba_ssm(model, tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
