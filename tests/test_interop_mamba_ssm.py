@@ -168,3 +168,21 @@ def test_export_refuses_what_mamba_ssm_cannot_represent(tmp_path):
     with pytest.raises(UnsupportedOptionError, match="Mamba2 norm_eps=0.001"):
         save_mamba_ssm(model, tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_convert_tool_goes_between_all_three_formats(tmp_path, capsys):
+    from tools.convert_mamba2 import main
+
+    config = ssm_config(**OPTIONS["ngroups"])
+    sd = ssm_state_dict(config, dtype=torch.float32)
+    (tmp_path / "ssm").mkdir()
+    (tmp_path / "ssm" / "config.json").write_text(json.dumps(config))
+    torch.save(sd, tmp_path / "ssm" / "pytorch_model.bin")
+    main([str(tmp_path / "ssm"), "--gin"])
+    assert "Mamba2.num_groups = 2" in capsys.readouterr().out
+    main([str(tmp_path / "ssm"), str(tmp_path / "hf"), "--to", "hf"])
+    main([str(tmp_path / "hf"), str(tmp_path / "back"), "--to", "mamba_ssm"])
+    back = torch.load(tmp_path / "back" / "pytorch_model.bin", weights_only=True)
+    assert set(back) == set(sd) and all(torch.equal(back[k], v) for k, v in sd.items())
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "ssm"), "--to", "hf"])  # no output folder

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from tests.tolerances import INTEROP
 from zoo import gin_config
 from zoo.generate import generate
 
@@ -203,3 +204,16 @@ def test_without_transformers_the_module_says_what_to_install(monkeypatch):
     monkeypatch.delitem(sys.modules, "zoo.interop.hf")
     with pytest.raises(ImportError, match=r"pip install 'sessa-zoo\[hf\]'"):
         importlib.import_module("zoo.interop.hf")
+
+
+def test_the_convert_tool_writes_a_transformers_folder_of_the_zoo_model(tmp_path):
+    from tests.upstream_mamba2 import hf_model
+    from tools.convert_mamba2 import main
+
+    hf = hf_model(torch.float32, time_step_limit=(0.05, 0.4))
+    hf.save_pretrained(tmp_path / "hf")
+    main([str(tmp_path / "hf"), str(tmp_path / "zoo"), "--to", "zoo"])
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "zoo")
+    x = torch.randint(101, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, hf(x).logits, **INTEROP[torch.float32])
