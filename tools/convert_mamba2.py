@@ -13,20 +13,18 @@ cannot represent are refused with an error naming them (docs/interop.md has the 
 
 from __future__ import annotations
 
-import argparse
-import inspect
 from pathlib import Path
 
 import torch
 
+from zoo import cli
 from zoo.interop.mamba2 import Mamba2LM, load_mamba2, save_hf_mamba2, save_mamba_ssm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=inspect.cleandoc(__doc__ or ""),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("checkpoint", type=Path, help="mamba_ssm or Hugging Face Mamba-2 folder")
     parser.add_argument("out", type=Path, nargs="?", help="folder to write (with --to)")
     parser.add_argument("--to", choices=["hf", "mamba_ssm", "zoo"], help="format to write")
@@ -58,4 +56,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from tests.upstream_mamba2 import hf_model, reference_logits, ssm_config, ssm_state_dict  # noqa: E402
-from zoo import gin_config  # noqa: E402
+from zoo import cli, gin_config  # noqa: E402
 from zoo.generate import generate  # noqa: E402
 from zoo.interop import load_hf_mamba2, load_mamba_ssm  # noqa: E402
 from zoo.interop.hf import ZooForCausalLM  # noqa: E402
@@ -129,10 +129,11 @@ def hybrid_table() -> list[str]:
             f"| HF generate (greedy, 32 tokens, 4 left-padded prompts) == zoo.generate | {same} |"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    cli.parser(__doc__).parse_args(argv)
     for table in (hf_table(), hf_padding_table(), ssm_table(), hybrid_table()):
         print("\n".join(table) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
