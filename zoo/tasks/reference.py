@@ -45,7 +45,10 @@ class Estimate:
     se: float | None = None
 
     def __str__(self) -> str:
-        return f"{self.value:.3f}" + (f" ± {self.se:.3f}" if self.se is not None else "")
+        return self.format(3)
+
+    def format(self, digits: int = 3) -> str:
+        return f"{self.value:.{digits}f}" + (f" ± {self.se:.{digits}f}" if self.se is not None else "")
 
 
 @dataclass
@@ -70,6 +73,23 @@ class References:
         """A score as a fraction of the ceiling."""
         return value / self.ceiling[metric].value
 
+    def rows(self, digits: int = 4) -> dict[str, dict[str, str]]:
+        """Table rows: label -> metric -> formatted value, for chance, the best shortcut and the
+        ceiling (every metric the ceiling has: accuracy, and Diffuse MQAR's lag buckets)."""
+        name, _ = self.best_shortcut()
+        return {
+            "chance": {m: f"{self.chance:.{digits}f}" for m in self.ceiling},
+            f"best shortcut ({name})": {m: e.format(digits) for m, e in self.baselines[name].items()},
+            f"ceiling ({self.ceiling_name})": {m: e.format(digits) for m, e in self.ceiling.items()},
+        }
+
+    def row_values(self) -> dict[str, float]:
+        """The compared metric of each row of `rows` (for the fraction-of-ceiling column)."""
+        return dict(zip(self.rows(), (self.chance, self.best_shortcut()[1].value, self.ceiling[METRIC].value)))
+
+    def caption(self) -> str:
+        return f"{self.task}; references on {self.num_examples} {self.split} examples"
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -90,7 +110,8 @@ def describe(task: Task) -> str:
         return f"SymbolSoup {task.min_tokens}-{task.max_tokens} tokens"
     if isinstance(task, DiffuseMQAR):
         lo, hi = task.lag_ranges["train"]
-        layout = f", {task.front} look-alikes of each kind per key in the memory" if task.front else ""
+        layout = (f", {task.front} same-prefix and {task.front} same-last-token look-alikes per key in the memory"
+                  if task.front else "")
         return (f"Diffuse MQAR {task.P} pairs, {task.Q} queries, {task.L}-token keys, {task.K} keys x {task.V} values, "
                 f"lags {lo}-{hi} (test {task.lag_ranges['test'][0]}-{task.lag_ranges['test'][1]}){layout}")
     if isinstance(task, MQAR):
