@@ -308,7 +308,7 @@ def test_ceilings_tool(tmp_path, capsys):
     assert [label for label, _, _ in rows] == ["100-150 tokens", "200-300 tokens"]
     for label, refs, _ in rows:
         row = next(line for line in out.splitlines() if line.startswith(f"| {label} |"))
-        assert f"| {refs.ceiling['accuracy']} |" in row and "| 0.050 |" in row
+        assert f"| {refs.ceiling['accuracy']} |" in row and "| 0.05 |" in row
     # longer sequences carry more evidence
     assert rows[1][1].ceiling["accuracy"].value > rows[0][1].ceiling["accuracy"].value
     assert __import__("json").loads((tmp_path / "soup.json").read_text())[0]["ceiling_name"] == "Bayes-optimal"

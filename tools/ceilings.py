@@ -56,7 +56,7 @@ def table(rows: list[tuple[str, References, float]]) -> str:
     head = ["setting", "split", "examples", "chance", *baselines, f"ceiling ({ceiling})", *extras, "seconds"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for label, refs, seconds in rows:
-        cells = [label, refs.split, str(refs.num_examples), f"{refs.chance:.3f}"]
+        cells = [label, refs.split, str(refs.num_examples), f"{refs.chance:.3g}"]
         cells += [str(refs.baselines[b]["accuracy"]) if b in refs.baselines else "–" for b in baselines]
         cells += [str(refs.ceiling["accuracy"])] + [str(refs.extra[e]) if e in refs.extra else "–" for e in extras]
         lines.append("| " + " | ".join(cells + [f"{seconds:.0f}"]) + " |")

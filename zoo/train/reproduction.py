@@ -50,6 +50,10 @@ def _acc(x: float | None) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
+def _scaled(x: float | None, unit: float, suffix: str) -> str:
+    return "–" if x is None else f"{x / unit:.{2 if suffix == 'M' else 1}f}{suffix}"
+
+
 def _mean(model: dict, metric: str = METRIC) -> str:
     spread = f" ± {model['std'][metric]:.3f}" if len(model["seeds"]) > 1 else ""
     return f"{model['mean'][metric]:.3f}{spread}"
@@ -88,7 +92,7 @@ def task_table(entry: dict, task: str) -> str:
         seeds = ", ".join(f"{m['seeds'][s][METRIC]:.3f}" for s in sorted(m["seeds"], key=int))
         lines.append(f"| {MODEL_NAMES.get(variant, variant)} | {m['layout']} | {seeds} | {_mean(m)} | "
                      f"{_of_ceiling(m['mean'][METRIC], refs)} | {_acc(PAPER.get(task, {}).get(variant))} | "
-                     f"{m['parameters']:,} | {m['tokens_seen'] / 1e6:.2f}M | {m['wall_time_s'] / 60:.1f} min |")
+                     f"{m['parameters']:,} | {_scaled(m['tokens_seen'], 1e6, 'M')} | {_scaled(m['wall_time_s'], 60, ' min')} |")
     if refs:
         lines += _reference_rows(refs, len(head), 3, 4)
     return "\n".join(lines)
@@ -135,7 +139,7 @@ def budgets_table(entries: list[dict], task: str, lags: bool = False, wall: bool
             cells += [", ".join(f"{m['seeds'][s][METRIC]:.3f}" for s in sorted(m["seeds"], key=int)), _mean(m),
                       _of_ceiling(m["mean"][METRIC], refs)]
         cells += [_acc(models[-1]["mean"].get(b)) for b in buckets]
-        cells += [f"{models[-1]['wall_time_s'] / 60:.1f} min"] if wall else []
+        cells += [_scaled(models[-1]["wall_time_s"], 60, " min")] if wall else []
         lines.append("| " + " | ".join(cells + [_acc(PAPER.get(task, {}).get(variant))]) + " |")
     if refs:
         values = refs.row_values()
