@@ -22,9 +22,11 @@ generator makes inside a block:
     alpha[i, a] = p_markov(i-1) sum_a' alpha[i-1, a'] T[a', a] e(y_{i-1} | a)
                 + sum_{L=3..5} mass[i-L] 0.3 sum_{motifs m of length L ending in a} w_m / W(room) prod_k e(y_{i-L+k} | m_k)
 
-with p_markov(j) = 0.7 if n - j >= 3 else 1, W(room) the total weight of the motifs that fit
-min(n - j, 5), and e(y | c) the flip channel. P_s(y) = sum_a alpha[n, a]. Vectorised over blocks
-and the 9 styles, rescaled at every boundary (float64 log scale), one step per letter.
+with mass[j] = sum_a alpha[j, a] (mass[0] = 1; from boundary 0 the Markov step uses the unigram
+row of T), p_markov(j) = 0.7 if n - j >= 3 else 1, W(room) the total weight of the motifs that fit
+min(n - j, 5), and e(y | c) the flip channel. P_s(y) = mass[n]. Vectorised over blocks and the 9
+styles, one step per letter; alpha is renormalised at every boundary and its log scale kept in
+float64, so blocks of thousands of letters neither underflow nor lose precision.
 """
 
 from __future__ import annotations
