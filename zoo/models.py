@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from blocks.norms import make_norm
 from kernels.packing import seq_idx_from_cu_seqlens
 from zoo.cache import StackCache
 from zoo.stack import Stack
@@ -51,18 +52,20 @@ def _check_seq_idx(seq_idx: Tensor | None, shape: tuple[int, int]) -> None:
 
 
 class CausalLM(nn.Module):
-    """Embedding -> Stack -> LayerNorm -> head tied to the embedding. tokens (B, T) -> logits (B, T, V).
+    """Embedding -> Stack -> final norm -> head (the embedding, tied). tokens (B, T) -> logits (B, T, V).
 
     Args:
         vocab_size: V.
         dim: width D.
         stack: factory `stack(dim) -> Stack` (or a built Stack of width dim).
-        ln_eps: final LayerNorm epsilon.
+        ln_eps: final norm epsilon.
         embed_std: standard deviation of the (tied) embedding's normal initialisation.
+        norm: the final norm, a name in blocks.norms.NORMS ("layernorm", "rmsnorm").
+        tie_embeddings: the head is the embedding matrix; False gives a separate `head` Linear(D, V).
     """
 
     def __init__(self, vocab_size: int, dim: int, stack: Stack | Callable[[int], Stack], ln_eps: float = 1e-5,
-                 embed_std: float = 0.02):
+                 embed_std: float = 0.02, norm: str = "layernorm", tie_embeddings: bool = True):
         super().__init__()
         if vocab_size < 1 or dim < 1:
             raise ValueError(f"vocab_size and dim must be >= 1; got vocab_size={vocab_size}, dim={dim}")
@@ -70,7 +73,8 @@ class CausalLM(nn.Module):
         self.embed = nn.Embedding(vocab_size, dim)
         nn.init.normal_(self.embed.weight, std=embed_std)
         self.stack = _build_stack(stack, dim)
-        self.norm = nn.LayerNorm(dim, eps=ln_eps)
+        self.norm = make_norm(norm, dim, ln_eps)
+        self.head = None if tie_embeddings else nn.Linear(dim, vocab_size, bias=False)
 
     def forward(self, tokens: Tensor, *, seq_idx: Tensor | None = None, cu_seqlens: Tensor | None = None,
                 cache: StackCache | None = None) -> Tensor:
@@ -90,7 +94,8 @@ class CausalLM(nn.Module):
             seq_idx = seq_idx_from_cu_seqlens(cu_seqlens.to(tokens.device), tokens.shape[1])
         _check_seq_idx(seq_idx, tuple(tokens.shape))
         h = self.stack(self.embed(tokens), seq_idx=seq_idx, cache=cache)
-        return F.linear(self.norm(h), self.embed.weight)
+        h = self.norm(h.to(self.norm.weight.dtype))  # a float32 residual stream (residual_in_fp32) meets the model's dtype
+        return F.linear(h, self.embed.weight if self.head is None else self.head.weight)
 
     def example_inputs(self, batch_size: int = 1, seq_len: int = 8) -> tuple[tuple, dict]:
         """Random (args, kwargs) for a forward pass (used by zoo.summary)."""
