@@ -6,6 +6,8 @@
         --gin_param "SymbolSoup.max_tokens = 2100"            # same model, longer sequences
 
 The model and task are rebuilt from the run folder's config.gin; --gin_param bindings apply on top.
+The table adds the task's chance, best shortcut and ceiling on the same examples, and each
+accuracy as a fraction of the ceiling (zoo.tasks.reference; none for language modelling).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 
 from zoo import cli
+from zoo.tasks.reference import references
 from zoo.train.configurables import load_run
 from zoo.train.evaluate import evaluate, metrics_table
 
@@ -36,7 +39,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     batch_size = args.batch_size if args.batch_size is not None else max(1, config.batch_size // config.grad_accum)
     metrics = evaluate(model, task, args.split, batch_size=batch_size, max_examples=args.max_examples,
                        precision=config.precision)
-    print(metrics_table({args.split: metrics}))
+    refs = references(task, args.split, args.max_examples)
+    print(metrics_table({args.split: metrics}, refs))
+    if refs:
+        print(refs.caption())
     if args.json:
         args.json.write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

@@ -1,9 +1,9 @@
 """Run a sweep: variants (gin files) x seeds, one after another, then one markdown table and one plot.
 
-    # the paper's comparison (Sessa, attention, Mamba-2 in the same gated block, parameter-matched)
+    # the paper's comparison (six models in the same gated block, parameter-matched)
     python tools/sweep.py --sweep experiments/paper_comparison/symbol_soup_sweep.gin
-    python tools/sweep.py --sweep experiments/paper_comparison/symbol_soup_sweep.gin \\
-        --gin_file train/paper_comparison/large.gin --out runs/sweeps/symbol_soup_large --seeds 0 1 2
+    python tools/sweep.py --sweep experiments/paper_comparison/symbol_soup_sweep.gin --only sessa attention mamba2 \\
+        --gin_file experiments/paper_comparison/large.gin --out runs/sweeps/symbol_soup_large --seeds 0 1 2
     # ad hoc: any overlays on a shared base
     python tools/sweep.py --base train/tasks/symbol_soup.gin --base sizes/tiny.gin \\
         --variant sessa=mixers/sessa.gin --variant hybrid=hybrids/sessa_attention.gin --seeds 0 1
@@ -12,7 +12,9 @@ File order of each run: the base files (the sweep file's SweepSpec.gin_files, th
 variant's files, then --gin_file; then SweepSpec.gin_params, --gin_param and
 `TrainConfig.seed = <seed>`. Runs go to <out>/<variant>/seed<k>/; finished runs are skipped and
 interrupted ones resumed, so re-running a sweep completes it. Writes <out>/sweep.md,
-<out>/results.json and <out>/comparison.png.
+<out>/results.json, <out>/references.json and <out>/comparison.png. The table adds each task's
+chance, best shortcut and ceiling, measured on the test examples the runs were scored on
+(zoo.tasks.reference), and each test accuracy as a fraction of the ceiling.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from zoo import cli, gin_config
 from zoo.train import checkpoint, configurables
 from zoo.train.loop import train
+from zoo.tasks.reference import References, describe, references
 from zoo.train.sweep import SweepSpec, run_folder, write_summary
 
 
@@ -31,6 +34,23 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     if not sep or not name or not files:
         raise argparse.ArgumentTypeError(f"--variant must be NAME=FILE[,FILE...], got {text!r}")
     return name, files.split(",")
+
+
+def sweep_references(spec: SweepSpec, args: argparse.Namespace) -> tuple[dict[str, References | None], str]:
+    """variant -> the references of its task on the examples its final evaluation scored (the last
+    of TrainConfig.final_splits, up to final_eval_examples); variants with the same task share one."""
+    found: dict[tuple, References | None] = {}
+    out, split = {}, "test"
+    for variant, files in spec.variants.items():
+        gin_config.parse([*spec.gin_files, *files, *args.gin_file], [*spec.gin_params, *args.gin_param])
+        config, task = configurables.configured_train_config(), configurables.configured_task()
+        split = config.final_splits[-1]
+        n = config.final_eval_examples
+        key = (describe(task), split, n)
+        if key not in found:
+            found[key] = references(task, split, n)
+        out[variant] = found[key]
+    return out, split
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -74,7 +94,8 @@ def main(argv: list[str] | None = None) -> str:
         train(config, gin_config.build_model, task, folder, resume=resume, set_aside=not resume,
               operative_config=gin_config.operative_config)
 
-    table, plot = write_summary(out, spec, title)
+    refs, split = sweep_references(spec, args)
+    table, plot = write_summary(out, spec, title, refs, split)
     print(table)
     print(f"table: {out / 'sweep.md'}  plot: {plot}")
     return table
