@@ -376,6 +376,9 @@ CLI = [
     Bad("reproduce_workers_zero", lambda c: cli("reproduce", "--workers", "0"), SystemExit, "--workers"),
     Bad("demo_threads_zero", lambda c: cli("demo", "--threads", "0"), SystemExit, "--threads"),
     Bad("bench_unknown", lambda c: cli("bench", "nosuchbench"), SystemExit, "nosuchbench"),
+    Bad("ceilings_examples_zero", lambda c: cli("ceilings", "--examples", "0"), SystemExit, "--examples"),
+    Bad("results_tables_missing_file", lambda c: cli("results_tables", "--results", c.tmp / "absent.json", "--check"),
+        SystemExit, "absent.json"),
 ]
 
 UNCLEAR = CHECKPOINTS + INPUTS + CONSTRUCTORS + OPS + GIN + CLI

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import ast
-import inspect
 import json
 import time
 from pathlib import Path
 
 import torch
 
-from zoo import gin_config
+from zoo import cli, gin_config
 from zoo.tasks import TASKS, get_task
 from zoo.tasks.reference import References, references
 
@@ -76,19 +75,18 @@ def lag_table(label: str, refs: References) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[tuple[str, References, float]]:
-    parser = argparse.ArgumentParser(description=inspect.cleandoc(__doc__ or ""),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("--task", choices=sorted(TASKS), default=None, help="a task with its defaults (or --gin_file)")
     parser.add_argument("--set", type=parse_set, action="append", default=[], metavar="NAME=VALUE",
                         help="a constructor argument of --task (repeatable)")
     gin_config.add_gin_args(parser)
     parser.add_argument("--lengths", type=parse_lengths, nargs="+", default=None, metavar="MIN-MAX",
                         help="SymbolSoup token ranges, one row each")
-    parser.add_argument("--front_distractors", type=int, nargs="+", default=None,
+    parser.add_argument("--front_distractors", type=cli.nonnegative_int, nargs="+", default=None,
                         help="Diffuse MQAR layouts, one row each (0: the paper's)")
     parser.add_argument("--split", default="test", choices=("train", "validation", "test"))
-    parser.add_argument("--examples", type=int, default=2000, help="examples per setting (default 2000)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--examples", type=cli.positive_int, default=2000, help="examples per setting (default 2000)")
+    parser.add_argument("--threads", type=cli.positive_int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--json", type=Path, default=None, help="also write every number to this JSON file")
     args = parser.parse_args(argv)
     if (args.task is None) == (not args.gin_file):
@@ -139,4 +137,4 @@ def main(argv: list[str] | None = None) -> list[tuple[str, References, float]]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -11,8 +11,6 @@ new reproduction, add the <out>/reproduction.json that tools/reproduce.py writes
 
 from __future__ import annotations
 
-import argparse
-import inspect
 import json
 import re
 import sys
@@ -21,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from zoo import cli  # noqa: E402
 from zoo.tasks.reference import References  # noqa: E402
 from zoo.train.evaluate import metrics_table  # noqa: E402
 from zoo.train.reproduction import budgets_table, lag_table, summary_table, task_table  # noqa: E402
@@ -59,8 +58,7 @@ def render(text: str, tables: dict[str, str], path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    parser = argparse.ArgumentParser(description=inspect.cleandoc(__doc__ or ""),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("--results", type=Path, default=RESULTS, help="the results file")
     parser.add_argument("--check", action="store_true", help="only check that every table is up to date")
     args = parser.parse_args(argv)
@@ -80,4 +78,4 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
