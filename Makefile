@@ -7,21 +7,18 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all test-gpu bench info clean
+.PHONY: demo test test-gpu bench info clean
 
 $(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH) -e '.[dev,triton,xformers]'
+	$(PY) -m pip install -q $(TORCH) -e '.[dev,triton,xformers,hf]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) tools/demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup
-
-test-all: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m ''
+	$(PY) -m pytest -q -n 2
 
 # the CUDA subset (tests marked gpu): every backend vs reference on CUDA, invariants on CUDA, a bf16
 # autocast training run; one process, so Triton compiles each kernel once
@@ -29,7 +26,8 @@ test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu -rs
 
 bench: $(STAMP)
-	$(PY) tools/bench.py
+	$(PY) tools/bench.py decode
+	$(PY) tools/bench.py layer
 
 info: $(STAMP)
 	$(PY) tools/info.py

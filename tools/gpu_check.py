@@ -20,9 +20,7 @@ status is 1 when a row failed.
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
-import inspect
 import json
 import math
 import os
@@ -32,6 +30,8 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+from zoo import cli
 
 ROWS_TOL = {torch.float32: 2e-3, torch.bfloat16: 4e-2}
 BASELINE = {"attention": "sdpa[flash]", "feedback_solve": "chunked", "ssd": "chunked"}
@@ -249,19 +249,18 @@ def count_compiles() -> None:
     print(f"{'total':<26} {len(seen.compiled):>3} compilations for {seen.launches} launches")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=inspect.cleandoc(__doc__ or ""),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = cli.parser(__doc__)
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU in Triton's interpreter")
     parser.add_argument("--count-compiles", action="store_true", help="count the Triton compilations of a cold run")
     parser.add_argument("--out", default="gpu_check", help="writes OUT.json and OUT.md")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=cli.positive_int, default=10)
     parser.add_argument("--store", action="store_true", help="store the correctness verdicts as validation results")
     parser.add_argument("--skip-speed", action="store_true")
     args = parser.parse_args(argv)
     if args.count_compiles:
         count_compiles()
-        return 0
+        return
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels is imported
     elif not torch.cuda.is_available():
@@ -282,8 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         f.write(text)
     bad = failed(rows)
     print(f"{len(rows)} rows, {len(bad)} failed; wrote {args.out}.json and {args.out}.md")
-    return 1 if bad else 0
+    if bad:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -11,15 +11,12 @@ others were not picked.
 
 from __future__ import annotations
 
-import argparse
-import inspect
-
 import torch
 
 import kernels
 from kernels import validation
 from kernels.dispatch import device_key
-from zoo import gin_config
+from zoo import cli, gin_config
 from zoo.registry import REGISTRY, underlying_class
 from zoo.summary import summarize
 
@@ -85,10 +82,9 @@ def backends_text(device: torch.device | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=inspect.cleandoc(__doc__ or ""),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     gin_config.add_gin_args(parser)
-    parser.add_argument("--seq_len", type=int, default=8, help="length of the summary's probe forward")
+    parser.add_argument("--seq_len", type=cli.positive_int, default=8, help="length of the summary's probe forward")
     parser.add_argument("--device", default=None, help="device for the backend table (default: current CUDA, else cpu)")
     args = parser.parse_args(argv)
     print(registry_text())
@@ -101,4 +97,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

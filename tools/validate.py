@@ -12,19 +12,17 @@ Exits with status 1 when a checked backend fails. Results: the file printed at t
 
 from __future__ import annotations
 
-import argparse
-import inspect
 import sys
 
 import torch
 
 import kernels
 from kernels import validation
+from zoo import cli
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=inspect.cleandoc(__doc__ or ""),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = cli.parser(__doc__)
     parser.add_argument("--ops", default="", help="comma-separated ops (default: all)")
     parser.add_argument("--backends", default="", help="comma-separated backends (default: those that need validation)")
     parser.add_argument("--device", default=None, help="default: the current CUDA device, else cpu")
@@ -44,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.forget:
         validation.forget(args.device)
         print(f"forgot the verdicts for this device in {validation.cache_file()}")
-        return 0
+        return
     if args.show:
         stored = validation.results(args.device)
         if not stored:
@@ -54,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"ran {entry['ran']}, skipped {entry['skipped']}, worst {entry['worst']}")
             for failure in entry.get("failures", []):
                 print(f"    {failure}")
-        return 0
+        return
 
     dtypes = tuple(getattr(torch, d) for d in split(args.dtypes))
     report = validation.validate(ops, backends, args.device, dtypes, store=not args.no_store,
@@ -63,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     print(report)
     if not args.no_store:
         print(f"verdicts stored in {validation.cache_file()}")
-    return 0 if report.ok else 1
+    if not report.ok:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)
