@@ -108,7 +108,7 @@ class Backend:
 
     def reason(self, *args: Any, **kwargs: Any) -> Reason:
         """Why this backend cannot run these inputs, or None if it can."""
-        return self.unavailable_reason() or _checked("supports", self.supports, args, kwargs)
+        return _unavailable(self.op, self.name) or _checked("supports", self.supports, args, kwargs)
 
     def auto_reason(self, *args: Any, **kwargs: Any) -> Reason:
         """Why automatic selection skips this backend for these inputs (pinned, it may still run)."""
@@ -123,6 +123,13 @@ class Backend:
         if (key, self.op, self.name) in VALIDATED:
             return None
         return f"not validated on {key}: run `python tools/validate.py` (pin to use it anyway)"
+
+
+@torch.compiler.assume_constant_result
+def _unavailable(op: str, backend: str) -> Reason:
+    """OPS[op].backends[backend].unavailable_reason(): dynamo calls it while tracing and keeps the
+    answer as a constant, so probing on the first compiled call adds no guard (and no recompile)."""
+    return OPS[op].backends[backend].unavailable_reason()
 
 
 def _checked(what: str, check: Callable[..., Reason], args: tuple, kwargs: dict) -> Reason:

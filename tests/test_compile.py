@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch._dynamo
 
+import kernels
 import kernels.dispatch as dispatch
 from blocks.gated_block import GatedBlock
 from tests.test_blocks import MIXERS, OPTIONS
@@ -68,10 +69,16 @@ def test_hybrid_language_model_compiles_whole():
 
 
 def test_dispatch_logs_once_at_trace_time(caplog):
-    """Under compile the choice is announced while tracing (not in the graph, not per call)."""
+    """Under compile the choice is announced while tracing (not in the graph, not per call), and
+    nothing dispatch does (lazy probes included) makes the second call recompile."""
+    from torch._dynamo.utils import counters
+
     block = _block("attention")
     dispatch._logged.discard(("attention", "sdpa"))
+    for backend in kernels.get_op("attention").backends.values():
+        backend._availability = None  # probed again on the first (traced) call
     torch._dynamo.reset()
+    counters.clear()
     compiled = torch.compile(block, fullgraph=True, backend="eager")
     x = torch.randn(2, 9, DIM)
     with caplog.at_level(logging.INFO, logger="kernels"):
@@ -79,3 +86,4 @@ def test_dispatch_logs_once_at_trace_time(caplog):
             compiled(x)
     lines = [r.getMessage() for r in caplog.records if r.name == "kernels"]
     assert lines == ["attention: using backend 'sdpa'"]
+    assert counters["stats"]["unique_graphs"] == 1

@@ -15,6 +15,7 @@ import torch
 
 import kernels
 import kernels.feedback_solve.triton as fb_triton
+from kernels.triton_tril import inverse_kernel
 from kernels.attention import attention
 from kernels.feedback_solve import feedback_solve
 from kernels.ssd import ssd
@@ -183,7 +184,7 @@ def test_inverse_kernel_from_16x16_pieces():
         B, n, col0 = 2, 2 * BT - 5, 7
         W = torch.randn(B, n, 300) * 0.3
         inv = torch.full((B, 3, BT, BT), float("nan"))
-        fb_triton._inverse_kernel[(2, B)](W, inv, 1, 3, n, col0, W.stride(0), W.stride(1), BT=BT)
+        inverse_kernel[(2, B)](W, inv, 1, 3, n, col0, W.stride(0), W.stride(1), BT=BT)
         for b in range(B):
             for i in range(2):
                 r = torch.arange(i * BT, (i + 1) * BT)
