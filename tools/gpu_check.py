@@ -3,6 +3,7 @@
     python tools/gpu_check.py                  # CUDA: prints a table, writes gpu_check.json and gpu_check.md
     python tools/gpu_check.py --dry-run        # anywhere: tiny shapes on CPU, Triton in its interpreter
     python tools/gpu_check.py --count-compiles # no GPU needed: the Triton compilations a cold run does
+    python tools/gpu_check.py --resources      # no GPU needed: shared memory / registers / spills on sm_90
 
 1. Versions: device, torch, CUDA, Triton, xformers, flash-attn, mamba-ssm.
 2. Correctness: every backend of every op that can run on the device against `reference` (float64)
@@ -249,10 +250,50 @@ def count_compiles() -> None:
     print(f"{'total':<26} {len(seen.compiled):>3} compilations for {seen.launches} launches")
 
 
+def resources(only: str = "") -> None:
+    """Compile the largest-shape variants of the Triton kernels for sm_90 (slow: float32 ones take
+    minutes) and print shared memory, registers, spills and compile time of each."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    import kernels.attention.triton as at
+    import kernels.ssd.triton as sd
+    from kernels.triton_target import compile_kernel
+    from kernels.triton_tril import inverse_kernel
+    from kernels.triton_utils import tl
+
+    def st(t):
+        return t.stride(0), t.stride(1), t.stride(2)
+
+    jobs = []
+    w, inv = torch.empty(2, 512, 1000), torch.empty(2, 8, 64, 64)
+    jobs.append((inverse_kernel, (w, inv, 0, 8, 512, 0, w.stride(0), w.stride(1)), dict(BT=64), dict(num_warps=4)))
+    T, H, P, N, Q = 1024, 2, 128, 128, 64
+    for dt, DOT in ((torch.bfloat16, tl.bfloat16), (torch.float32, tl.float32)):
+        xd, cs, st_ = torch.empty(1, T, H, P), torch.empty(1, T, H), torch.empty(1, T // Q + 1, H, P, N)
+        Bm = torch.empty(1, T, 1, N, dtype=dt)
+        meta = dict(Q=Q, PB=sd._p_block(P, dt), BN=N, DOT=DOT, HAS_SEG=True)
+        jobs.append((sd._chunk_scan_bwd_kernel, (xd, cs, Bm, Bm, cs, cs, st_, st_, xd, cs, xd, Bm, Bm, cs, cs, cs, T, H,
+                                                 2, P, N, *st(Bm), *st(Bm), 0, 1024), meta, dict(num_warps=4)))
+        jobs.append((sd._chunk_scan_kernel, (xd, cs, Bm, Bm, cs, st_, cs, xd, T, H, 2, P, N, *st(Bm), *st(Bm), 0, 1024),
+                     meta, dict(num_warps=4)))
+    q, lse = torch.empty(1, T, H, 256, dtype=torch.bfloat16), torch.empty(1, H, T)
+    meta = dict(HAS_WINDOW=True, HAS_SEG=True, DOT=tl.bfloat16, BD=256, BDV=256)
+    for c in at._FWD_CONFIGS:
+        c = dict(c)
+        launch = dict(num_warps=c.pop("num_warps"), num_stages=c.pop("num_stages"))
+        jobs.append((at._fwd_kernel, (q, q, q, q, lse, lse, T, T, H, 1, 64, 0.1, 256, 256, *st(q) * 4, 0, 1024),
+                     dict(meta, **c), launch))
+    for kernel, args, kwargs, launch in jobs:
+        name = getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel))
+        if only in name:
+            print(compile_kernel(kernel, args, kwargs, **launch).row(), flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = cli.parser(__doc__)
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU in Triton's interpreter")
     parser.add_argument("--count-compiles", action="store_true", help="count the Triton compilations of a cold run")
+    parser.add_argument("--resources", nargs="?", const="", metavar="NAME",
+                        help="compile the largest variants for sm_90 and report their resources (only kernels named NAME*)")
     parser.add_argument("--out", default="gpu_check", help="writes OUT.json and OUT.md")
     parser.add_argument("--repeats", type=cli.positive_int, default=10)
     parser.add_argument("--store", action="store_true", help="store the correctness verdicts as validation results")
@@ -260,6 +301,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.count_compiles:
         count_compiles()
+        return
+    if args.resources is not None:
+        resources(args.resources)
         return
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels is imported
