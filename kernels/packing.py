@@ -57,3 +57,11 @@ def segment_positions(seq_idx: Tensor, prev_seq: Tensor | None = None, prev_next
 def same_segment(q_seq: Tensor, k_seq: Tensor) -> Tensor:
     """(B, Tq), (B, S) -> bool (B, Tq, S): query and key lie in the same segment."""
     return q_seq[:, :, None] == k_seq[:, None, :]
+
+
+def segment_starts(seq_idx: Tensor | None, B: int, T: int, device: torch.device) -> Tensor:
+    """Bool (B, T): step t starts a new segment (never step 0: a scan's initial state belongs to it)."""
+    starts = torch.zeros(B, T, dtype=torch.bool, device=device)
+    if seq_idx is not None:
+        starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    return starts

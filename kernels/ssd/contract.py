@@ -16,10 +16,10 @@ The `reference` backend is the sequential scan; `chunk_size` is a hint for chunk
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from kernels.dispatch import Op
+from kernels.packing import segment_starts  # noqa: F401  (re-exported: the masks every ssd backend shares)
 
 ssd = Op("ssd", __doc__)
 
@@ -40,11 +40,3 @@ def check_inputs(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
         raise ValueError(f"initial_state must be {(Bt, H, P, B.shape[3])}; got {tuple(initial_state.shape)}")
     if seq_idx is not None and tuple(seq_idx.shape) != (Bt, T):
         raise ValueError(f"seq_idx must be (batch, T) = {(Bt, T)}; got {tuple(seq_idx.shape)}")
-
-
-def segment_starts(seq_idx: Tensor | None, Bt: int, T: int, device: torch.device) -> Tensor:
-    """Bool (Bt, T): step t starts a new segment (never step 0: the initial state belongs to it)."""
-    starts = torch.zeros(Bt, T, dtype=torch.bool, device=device)
-    if seq_idx is not None:
-        starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
-    return starts
