@@ -181,8 +181,8 @@ def test_half_precision_is_computed_in_float32():
 # ---------------------------------------------------------------------------- dispatch
 
 @pytest.mark.parametrize("op", [linear_attention, delta_rule])
-def test_automatic_selection_takes_chunked_from_64_steps(op):
-    for T, expected in [(1, "reference"), (63, "reference"), (64, "chunked"), (300, "chunked")]:
+def test_automatic_selection_takes_chunked_from_16_steps(op):
+    for T, expected in [(1, "reference"), (15, "reference"), (16, "chunked"), (300, "chunked")]:
         q, k, v, beta, _, g_head, _ = inputs(B=1, T=T)
         args = (q, k, v, g_head) if op is linear_attention else (q, k, v, beta, g_head)
         assert op.select(*args).name == expected, T

@@ -32,7 +32,7 @@ from kernels.decays import decay_to_end, log_decays, segsum
 from kernels.delta_rule.contract import check_inputs, delta_rule
 from kernels.packing import segment_starts
 
-AUTO_MIN_T = 64  # shorter inputs go to `reference` under automatic selection (measured: docs/delta_rule.md)
+AUTO_MIN_T = 16  # shorter inputs go to `reference` under automatic selection (measured: docs/delta_rule.md)
 
 
 def _auto(q: Tensor, *args, **kwargs) -> str | None:

@@ -31,7 +31,7 @@ from kernels.linear_attention.contract import check_inputs, linear_attention
 from kernels.packing import segment_starts
 
 KEY_DECAY_MAX_CHUNK = 16  # chunk cap with per-key-channel decays (see the module docstring)
-AUTO_MIN_T = 64  # shorter inputs go to `reference` under automatic selection (measured: docs/linear_attention.md)
+AUTO_MIN_T = 16  # shorter inputs go to `reference` under automatic selection (measured: docs/linear_attention.md)
 
 
 def _auto(q: Tensor, *args, **kwargs) -> str | None:
