@@ -233,3 +233,16 @@ def test_retnet_decays_span_the_heads():
     memory = 1 / (1 - layer.log_decay.exp())
     torch.testing.assert_close(memory, torch.tensor([32.0, 64.0, 128.0, 256.0], dtype=torch.float64), rtol=1e-9, atol=0)
     assert math.isclose(float(layer.log_decay[0]), math.log(1 - 2 ** -5))
+
+
+def test_info_lists_the_new_ops_backends_and_mixers():
+    from tools.info import backends_text, registry_text
+
+    mixers, ops = registry_text(), backends_text()
+    for symbol, name, origin in [("W", "sliding_window", "SlidingWindowAttention"), ("G", "gated_deltanet", "GatedDeltaNet"),
+                                 ("D", "deltanet", "DeltaNet"), ("L", "gla", "GatedLinearAttention"),
+                                 ("R", "retnet", "MultiScaleRetention")]:
+        assert any(line.split()[:2] == [symbol, name] and line.endswith(origin) for line in mixers.splitlines()), name
+    for op in ("linear_attention", "delta_rule"):
+        backends = [line.split() for line in ops.split(f"\n  {op}\n")[1].splitlines()[:2]]
+        assert backends == [["chunked", "priority", "10", "available"], ["reference", "priority", "0", "available"]], op
