@@ -7,24 +7,22 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all bench info clean
+.PHONY: demo test bench info clean
 
 $(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH) -e '.[dev,triton,xformers]'
+	$(PY) -m pip install -q $(TORCH) -e '.[dev,triton,xformers,hf]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) tools/demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup
-
-test-all: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m ''
+	$(PY) -m pytest -q -n 2
 
 bench: $(STAMP)
-	$(PY) tools/bench.py
+	$(PY) tools/bench.py decode
+	$(PY) tools/bench.py layer
 
 info: $(STAMP)
 	$(PY) tools/info.py

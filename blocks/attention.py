@@ -1,13 +1,17 @@
-"""Causal multi-head / grouped-query attention mixer with RoPE and an optional sliding window.
+"""Causal multi-head / grouped-query attention with RoPE and an optional sliding window.
 
-    q = RoPE(x Wq), k = RoPE(x Wk), v = x Wv        (no biases, as in LLaMA)
+    q = RoPE(x Wq), k = RoPE(x Wk), v = x Wv        (+ biases with qkv_bias=True; LLaMA has none)
     o = attention(q, k, v, window, seq_idx)          (the `attention` op: causal, GQA, segments)
-    y = o Wo
+    y = o Wo                                         (y = o, heads concatenated, with out_proj=False)
+
+This is the `Attention` mixer and also Sessa's forward branch (`blocks.sessa.Sessa` subclasses it,
+with qkv_bias=True and out_proj only when num_heads > 1, as in the reference code).
 
 Positions for RoPE restart at 0 in every segment (kernels.packing.segment_positions) and continue
 from the cache when decoding. The decoding state holds k (after RoPE) and v: a buffer of max_len
 steps, or, with a sliding window, a ring buffer of the last window - 1 steps (all a new query can
-see besides itself), so its size does not grow with the sequence.
+see besides itself), so its size does not grow with the sequence. While every row holds a single
+segment no segment ids reach the op, so a decoding step builds no mask over the cache.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from kernels.attention import attention
 from kernels.packing import segment_positions
 
 
-@dataclass
+@dataclass(kw_only=True)
 class AttentionState(DecodeState):
     """Keys (after RoPE) and values of the steps seen so far.
 
@@ -32,10 +36,18 @@ class AttentionState(DecodeState):
     C = min(window - 1, max_len) and step t sits at slot t % C (a ring of the most recent steps).
     """
 
-    k: Tensor | None = None
-    v: Tensor | None = None
+    k: Tensor
+    v: Tensor
     window: int | None = None
-    segmented: bool = False  # some tokens came with explicit segment ids (else all are segment 0)
+    segmented: bool = False  # some row holds more than one segment: the op needs segment ids
+
+    def begin(self, x: Tensor, seq_idx: Tensor | None) -> tuple[Tensor, Tensor]:
+        """DecodeState.begin, and note when a row starts holding more than one segment."""
+        seq_new, positions = super().begin(x, seq_idx)
+        if seq_idx is not None and not self.segmented:
+            first = seq_new[:, :1] if self.length == 0 else self.seq_idx[:, :1]  # each row's first segment id
+            self.segmented = bool((seq_new != first).any())
+        return seq_new, positions
 
     def past(self, n: int) -> tuple[Tensor, Tensor]:
         """Ring buffer only: the last n <= C stored steps in time order: k, v (B, n, Hkv, d)."""
@@ -64,11 +76,14 @@ class Attention(Mixer):
     dim: width D;  num_heads: query heads H (head dim d = D / H);  num_kv_heads: key/value heads
     (grouped-query attention, divides H; default H);  rope / rope_base: rotary embedding on q and k;
     window: sliding window (a query sees itself and the window - 1 steps before it), None = full;
-    backends: {"attention": backend name} pinned for this layer (see kernels.dispatch).
+    backends: {"attention": backend name} pinned for this layer (see kernels.dispatch);
+    qkv_bias: biases on the q, k, v projections;  out_proj: the output projection Wo (D -> D, no
+    bias), else the heads' outputs are returned concatenated.
     """
 
     def __init__(self, dim: int, num_heads: int = 1, num_kv_heads: int | None = None, rope: bool = True,
-                 rope_base: float = 10000.0, window: int | None = None, backends: dict[str, str] | None = None):
+                 rope_base: float = 10000.0, window: int | None = None, backends: dict[str, str] | None = None,
+                 qkv_bias: bool = False, out_proj: bool = True):
         super().__init__()
         num_kv_heads, head_dim = head_dims(dim, num_heads, num_kv_heads, rope)
         if window is not None and (not isinstance(window, int) or window < 1):
@@ -76,37 +91,49 @@ class Attention(Mixer):
         self.dim, self.num_heads, self.num_kv_heads, self.head_dim = dim, num_heads, num_kv_heads, head_dim
         self.window = window
         self.ops = check_backends("Attention", backends, uses=("attention",))
-        self.q_proj = nn.Linear(dim, dim, bias=False)
-        self.k_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=False)
-        self.out_proj = nn.Linear(dim, dim, bias=False)
+        self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=qkv_bias)
+        self.out_proj = nn.Linear(dim, dim, bias=False) if out_proj else nn.Identity()
         self.rope = RotaryEmbedding(head_dim, rope_base) if rope else None
 
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"rope={self.rope is not None}, window={self.window}")
+
     def forward(self, x: Tensor, *, seq_idx: Tensor | None = None, state: AttentionState | None = None) -> Tensor:
-        """x (B, T, D) -> (B, T, D). seq_idx (B, T) segment ids; with a state, of the new tokens only."""
+        """x (B, T, D) -> (B, T, D). seq_idx (B, T) segment ids; with a state, of the new tokens only,
+        and the state is advanced."""
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be (B, T, {self.dim}); got {tuple(x.shape)}")
+        o = self._attend(x, seq_idx) if state is None else self._step(x, seq_idx, state)
+        return self.out_proj(rearrange(o, "b t h d -> b t (h d)"))
+
+    def _qkv(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, T, D), positions (B, T) or (T,) -> q (B, T, H, d), k, v (B, T, Hkv, d), RoPE applied."""
         q = rearrange(self.q_proj(x), "b t (h d) -> b t h d", h=self.num_heads)
         k = rearrange(self.k_proj(x), "b t (h d) -> b t h d", h=self.num_kv_heads)
         v = rearrange(self.v_proj(x), "b t (h d) -> b t h d", h=self.num_kv_heads)
-        if state is None:
-            if self.rope is not None:
-                positions = torch.arange(x.shape[1], device=x.device) if seq_idx is None else segment_positions(seq_idx)
-                q, k = self.rope(q, positions), self.rope(k, positions)
-            o = attention(q, k, v, window=self.window, seq_idx=seq_idx, backend=self.ops["attention"])
-        else:
-            o = self._step(q, k, v, seq_idx, state)
-        return self.out_proj(rearrange(o, "b t h d -> b t (h d)"))
-
-    def _step(self, q: Tensor, k: Tensor, v: Tensor, seq_idx: Tensor | None, state: AttentionState) -> Tensor:
-        """Attend the new steps to the cached ones and themselves, then cache them: -> o (B, T, H, d)."""
-        T = q.shape[1]
-        state.segmented = state.segmented or seq_idx is not None
-        seq_new, positions = state.begin(q, seq_idx)
         if self.rope is not None:
             q, k = self.rope(q, positions), self.rope(k, positions)
+        return q, k, v
+
+    def _attend(self, x: Tensor, seq_idx: Tensor | None) -> Tensor:
+        """The full forward: -> o (B, T, H, d)."""
+        positions = torch.arange(x.shape[1], device=x.device) if seq_idx is None else segment_positions(seq_idx)
+        q, k, v = self._qkv(x, positions)
+        return attention(q, k, v, window=self.window, seq_idx=seq_idx, backend=self.ops["attention"])
+
+    def _step(self, x: Tensor, seq_idx: Tensor | None, state: AttentionState) -> Tensor:
+        """Prefill, chunked prefill or decoding: attend the new steps to the cached ones and themselves,
+        then cache them -> o (B, T, H, d)."""
+        T = x.shape[1]
+        seq_new, positions = state.begin(x, seq_idx)
+        q, k, v = self._qkv(x, positions)
         if state.window is None:  # the cache holds every step: attend to a view of it, no copy
             past = state.length
             state.store(k, v)
-            keys, values = state.k[:, :past + T].to(k.dtype), state.v[:, :past + T].to(v.dtype)
+            keys, values = state.k[:, :past + T].to(q.dtype), state.v[:, :past + T].to(q.dtype)  # no-ops unless a cast
         else:  # a ring of the last window - 1 steps: gather them in time order
             past = min(state.length, state.k.shape[1])
             past_k, past_v = state.past(past)
@@ -119,14 +146,18 @@ class Attention(Mixer):
 
     def allocate_state(self, batch_size: int, max_len: int, device: torch.device | str | None = None,
                        dtype: torch.dtype | None = None) -> AttentionState:
-        """An empty state for `batch_size` sequences of up to `max_len` tokens."""
-        weight = self.k_proj.weight
+        """An empty state for `batch_size` sequences of up to `max_len` tokens (q_proj's device and dtype by default)."""
+        return AttentionState(**self._state_fields(batch_size, max_len, device, dtype))
+
+    def _state_fields(self, batch_size: int, max_len: int, device: torch.device | str | None,
+                      dtype: torch.dtype | None) -> dict:
+        """The fields of an empty AttentionState (a subclass's state adds its own)."""
+        weight = self.q_proj.weight
         device, dtype = device or weight.device, dtype or weight.dtype
         slots = max_len if self.window is None else min(self.window - 1, max_len)
         shape = (batch_size, slots, self.num_kv_heads, self.head_dim)
-        return AttentionState(**AttentionState.track(batch_size, max_len, device),
-                              k=torch.zeros(shape, device=device, dtype=dtype),
-                              v=torch.zeros(shape, device=device, dtype=dtype), window=self.window)
+        return dict(**DecodeState.track(batch_size, max_len, device), k=torch.zeros(shape, device=device, dtype=dtype),
+                    v=torch.zeros(shape, device=device, dtype=dtype), window=self.window)
 
     def state_numbers_per_token(self) -> int | None:
         """2 * Hkv * d (k and v) per token; None with a sliding window (the ring buffer has a fixed size)."""

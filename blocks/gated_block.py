@@ -22,6 +22,9 @@ class GatedBlock(nn.Module):
 
     def __init__(self, dim: int, mixer: Callable[[int], Mixer], ln_eps: float = 1e-5):
         super().__init__()
+        if isinstance(mixer, str) or not callable(mixer):
+            raise TypeError(f"GatedBlock: mixer must be a factory mixer(dim) -> Mixer (a class such as Sessa, or "
+                            f"@Sessa in gin), not a name; got mixer={mixer!r}")
         self.dim = dim
         self.ln = nn.LayerNorm(dim, eps=ln_eps)
         self.W_in = nn.Linear(dim, 2 * dim)

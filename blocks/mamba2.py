@@ -2,9 +2,14 @@
 
     z, xBC, dt = split(in_proj(u))                    # d_inner, d_inner + 2 G N, H
     x, B, C = split(SiLU(causal depthwise conv(xBC)))
-    dt = softplus(dt + dt_bias);  A = -exp(A_log)      # per head
+    dt = softplus(dt + dt_bias);  A = -exp(A_log)      # per head (dt clamped to dt_limit if set)
     y = ssd(x, dt, A, B, C) + D x                      # kernels.ssd, the layer's pinned backend
     out = out_proj(GatedRMSNorm(y, z))                 # RMSNorm(y * silu(z)) per group
+
+Options of mamba_ssm's layer that checkpoints use (all off at the defaults): `dt_limit`,
+`norm_before_gate`, `gated_norm=False` (y * silu(z), no norm), `conv_bias`, `bias` (in/out
+projections), `D_per_channel` (D per channel instead of per head), `ssm_dim` < d_inner (the other
+d_inner - ssm_dim channels form a gated MLP: silu(z0) * x0, placed before y), `norm_eps`.
 
 Packed sequences / left padding (seq_idx): the conv never reads across a segment change and the
 ssd op resets its state at a change. Decoding keeps a constant-size `Mamba2State`: the last
@@ -44,11 +49,24 @@ class Mamba2(Mixer):
     chunked ssd backends. dt_bias is initialised so softplus(dt_bias) is log-uniform in
     [dt_min, dt_max]; A_log so that -A is uniform in [1, 16]; D = 1.
     `backends`: op name -> backend pinned for this layer (this layer calls `ssd`).
+
+    Upstream options (mamba_ssm's names in brackets), all off at the defaults:
+        dt_limit (lo, hi) [dt_limit]: clamp softplus(dt + dt_bias) to [lo, hi] (hi None or inf: no
+            upper bound), in the forward pass and when decoding alike; None: no clamp.
+        gated_norm [rmsnorm]: False drops the gated norm: y * silu(z) goes straight to out_proj.
+        norm_before_gate [norm_before_gate]: RMSNorm(y) * silu(z) instead of RMSNorm(y * silu(z)).
+        norm_eps: epsilon of the gated norm.
+        conv_bias [conv_bias]: the conv has a bias.  bias [bias]: in_proj and out_proj have biases.
+        D_per_channel [D_has_hdim]: D holds one value per channel (heads * head_dim), not per head.
+        ssm_dim [d_ssm]: channels that go through the SSM (heads = ssm_dim / head_dim); the other
+            d_inner - ssm_dim channels are a gated MLP silu(z0) * x0 concatenated before y.
     """
 
     def __init__(self, dim: int, state_dim: int = 64, expand: int = 2, head_dim: int = 64, num_groups: int = 1,
                  conv_kernel: int = 4, chunk_size: int = 64, dt_min: float = 1e-3, dt_max: float = 0.1,
-                 backends: dict[str, str] | None = None):
+                 dt_limit: tuple[float, float | None] | None = None, gated_norm: bool = True,
+                 norm_before_gate: bool = False, norm_eps: float = 1e-5, conv_bias: bool = True, bias: bool = False,
+                 D_per_channel: bool = False, ssm_dim: int | None = None, backends: dict[str, str] | None = None):
         super().__init__()
         for name, value in dict(dim=dim, state_dim=state_dim, head_dim=head_dim, num_groups=num_groups,
                                 conv_kernel=conv_kernel, chunk_size=chunk_size).items():
@@ -57,28 +75,48 @@ class Mamba2(Mixer):
         if expand <= 0 or expand * dim != int(expand * dim):
             raise ValueError(f"Mamba2: expand * dim must be a positive integer; got expand={expand}, dim={dim}")
         d_inner = int(expand * dim)
-        if d_inner % head_dim:
-            raise ValueError(f"Mamba2: expand * dim = {d_inner} must be divisible by head_dim={head_dim}")
-        heads = d_inner // head_dim
+        d_ssm = d_inner if ssm_dim is None else ssm_dim
+        if isinstance(d_ssm, bool) or not isinstance(d_ssm, int) or not 1 <= d_ssm <= d_inner:
+            raise ValueError(f"Mamba2: ssm_dim must be an int in [1, expand * dim = {d_inner}] or None; "
+                             f"got ssm_dim={ssm_dim!r}")
+        if d_ssm % head_dim:
+            what = "expand * dim" if ssm_dim is None else "ssm_dim"
+            raise ValueError(f"Mamba2: {what} = {d_ssm} must be divisible by head_dim={head_dim}")
+        heads = d_ssm // head_dim
         if heads % num_groups:
-            raise ValueError(f"Mamba2: the {heads} heads (expand * dim / head_dim) must be divisible by "
-                             f"num_groups={num_groups}")
+            raise ValueError(f"Mamba2: the {heads} heads ({'expand * dim' if ssm_dim is None else 'ssm_dim'} / "
+                             f"head_dim) must be divisible by num_groups={num_groups}")
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"Mamba2: need 0 < dt_min <= dt_max; got dt_min={dt_min}, dt_max={dt_max}")
+        if dt_limit is not None:
+            if len(dt_limit) != 2 or dt_limit[0] is None:
+                raise ValueError(f"Mamba2: dt_limit must be None or (lo, hi); got dt_limit={dt_limit!r}")
+            lo, hi = float(dt_limit[0]), None if dt_limit[1] is None or dt_limit[1] == math.inf else float(dt_limit[1])
+            if not 0 <= lo <= (math.inf if hi is None else hi):
+                raise ValueError(f"Mamba2: dt_limit (lo, hi) needs 0 <= lo <= hi; got dt_limit={dt_limit!r}")
+            dt_limit = None if (lo, hi) == (0.0, None) else (lo, hi)  # softplus > 0 already
+        if not norm_eps > 0:
+            raise ValueError(f"Mamba2: norm_eps must be > 0; got norm_eps={norm_eps!r}")
+        if norm_before_gate and not gated_norm:
+            raise ValueError("Mamba2: norm_before_gate=True needs the gated norm (gated_norm=True)")
         self.ops = check_backends("Mamba2", backends, uses=("ssd",))
 
         self.dim, self.d_inner, self.num_heads, self.head_dim = dim, d_inner, heads, head_dim
         self.state_dim, self.num_groups, self.conv_kernel, self.chunk_size = state_dim, num_groups, conv_kernel, chunk_size
-        self.conv_dim = d_inner + 2 * num_groups * state_dim
+        self.d_ssm, self.d_mlp = d_ssm, d_inner - d_ssm
+        self.conv_dim = d_ssm + 2 * num_groups * state_dim
+        self.dt_limit, self.D_per_channel = dt_limit, D_per_channel
 
-        self.in_proj = nn.Linear(dim, d_inner + self.conv_dim + heads, bias=False)  # -> z, xBC, dt
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel, groups=self.conv_dim, bias=True)
+        # -> z0, x0 (the gated MLP's d_mlp channels each), z, xBC, dt
+        self.in_proj = nn.Linear(dim, 2 * self.d_mlp + d_ssm + self.conv_dim + heads, bias=bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel, groups=self.conv_dim, bias=conv_bias)
         dt = torch.exp(torch.rand(heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         self.A_log = nn.Parameter(torch.log(torch.empty(heads).uniform_(1, 16)))
-        self.D = nn.Parameter(torch.ones(heads))
-        self.norm = GatedRMSNorm(d_inner, eps=1e-5, group_size=d_inner // num_groups)
-        self.out_proj = nn.Linear(d_inner, dim, bias=False)
+        self.D = nn.Parameter(torch.ones(d_ssm if D_per_channel else heads))
+        self.norm = GatedRMSNorm(d_ssm, eps=norm_eps, group_size=d_ssm // num_groups,
+                                 norm_before_gate=norm_before_gate) if gated_norm else None
+        self.out_proj = nn.Linear(d_inner, dim, bias=bias)
 
     def allocate_state(self, batch_size: int, max_len: int, device: torch.device | str | None = None,
                        dtype: torch.dtype | None = None) -> Mamba2State:
@@ -105,7 +143,7 @@ class Mamba2(Mixer):
         ids = torch.cat([window_seq, seq_idx], dim=1)
         run = F.pad((ids[:, 1:] != ids[:, :-1]).cumsum(dim=1), (1, 0))  # equal <=> same segment run
         weight = self.conv1d.weight[:, 0]  # (C, K); tap k reads input t - (K-1) + k
-        out = self.conv1d.bias
+        out = self.conv1d.bias if self.conv1d.bias is not None else u.new_zeros(())
         for k in range(K):
             same = (run[:, k:k + T] == run[:, K - 1:]).to(u.dtype)[..., None]
             out = out + full[:, k:k + T] * weight[:, k] * same
@@ -125,14 +163,17 @@ class Mamba2(Mixer):
         else:
             window = window_seq = None
 
-        z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        z0, x0, z, xBC, dt = self.in_proj(x).split(
+            [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, self.num_heads], dim=-1)
         xs, B, C = F.silu(self._conv(xBC, seq_idx, window, window_seq)).split(
-            [self.d_inner, self.num_groups * self.state_dim, self.num_groups * self.state_dim], dim=-1)
+            [self.d_ssm, self.num_groups * self.state_dim, self.num_groups * self.state_dim], dim=-1)
         xs = rearrange(xs, "b t (h p) -> b t h p", p=self.head_dim)
         B = rearrange(B, "b t (g n) -> b t g n", g=self.num_groups)
         C = rearrange(C, "b t (g n) -> b t g n", g=self.num_groups)
         work = torch.promote_types(x.dtype, torch.float32)
         dt = F.softplus(dt.to(work) + self.dt_bias.to(work))  # (B, T, H)
+        if self.dt_limit is not None:
+            dt = dt.clamp(min=self.dt_limit[0], max=self.dt_limit[1])
         A = -torch.exp(self.A_log.to(work))  # (H,)
 
         if state is None:
@@ -150,5 +191,9 @@ class Mamba2(Mixer):
             state.conv_seq = torch.cat([window_seq, seq_idx], dim=1)[:, T:]
             state.commit(seq_idx, positions)
 
-        y = y + xs * self.D.to(xs.dtype)[:, None]
-        return self.out_proj(self.norm(rearrange(y, "b t h p -> b t (h p)"), z))
+        D = rearrange(self.D, "(h p) -> h p", p=self.head_dim) if self.D_per_channel else self.D[:, None]
+        y = rearrange(y + xs * D.to(xs.dtype), "b t h p -> b t (h p)")
+        y = self.norm(y, z) if self.norm is not None else y * F.silu(z)
+        if self.d_mlp:
+            y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+        return self.out_proj(y)

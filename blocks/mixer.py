@@ -39,6 +39,8 @@ class DecodeState:
     @classmethod
     def track(cls, batch_size: int, max_len: int, device: torch.device | str | None = None) -> dict:
         """The bookkeeping fields for a fresh state."""
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"batch_size and max_len must be >= 1; got batch_size={batch_size}, max_len={max_len}")
         return dict(max_len=max_len, seq_idx=torch.zeros(batch_size, max_len, dtype=torch.long, device=device),
                     next_pos=torch.zeros(batch_size, dtype=torch.long, device=device))
 
@@ -54,10 +56,10 @@ class DecodeState:
         if self.length + T > self.max_len:
             raise ValueError(f"state holds {self.length} of max_len={self.max_len} tokens; "
                              f"cannot add {T} more (allocate a longer state)")
-        if seq_idx is None:
+        if seq_idx is None:  # each row continues its last segment (segment 0 in a fresh state)
             last = self.seq_idx[:, self.length - 1] if self.length else torch.zeros_like(self.next_pos)
-            seq_idx = last[:, None].expand(B, T)
-        elif tuple(seq_idx.shape) != (B, T):
+            return last[:, None].expand(B, T), self.next_pos[:, None] + torch.arange(T, device=x.device)
+        if tuple(seq_idx.shape) != (B, T):
             raise ValueError(f"with a state, seq_idx must be (B, T) = {(B, T)} for the new tokens; got {tuple(seq_idx.shape)}")
         if self.length:
             positions = segment_positions(seq_idx, self.seq_idx[:, self.length - 1], self.next_pos)

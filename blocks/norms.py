@@ -1,8 +1,9 @@
-"""RMS norms, computed in float32 (or float64) whatever the input dtype.
+"""Norms. The RMS norms here compute in float32 (or float64) whatever the input dtype.
 
     RMSNorm(dim)(x)                          x / rms(x) * weight
     GatedRMSNorm(dim, group_size)(x, z)      Mamba-2's gated norm: RMSNorm(x * silu(z)) per group
-    GatedRMSNorm(dim, norm_before_gate=True)(x, z)    RMSNorm(x) * silu(z) (GLA, RetNet, Gated DeltaNet)
+    GatedRMSNorm(..., norm_before_gate=True) RMSNorm(x) * silu(z) per group
+    make_norm("rmsnorm", dim, eps)           the residual stream's norms by name (NORMS)
 """
 
 from __future__ import annotations
@@ -11,6 +12,17 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+
+# The norms a residual stream can use, by name: torch's own modules (parameters `weight` and, for
+# LayerNorm, `bias`). nn.RMSNorm equals mamba_ssm's and Hugging Face's RMSNorm bit for bit in float32.
+NORMS = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
+
+
+def make_norm(kind: str, dim: int, eps: float = 1e-5) -> nn.Module:
+    """The norm called `kind` (a key of NORMS) over `dim` channels; an unknown name lists the valid ones."""
+    if kind not in NORMS:
+        raise ValueError(f"unknown norm={kind!r}; valid: {', '.join(NORMS)}")
+    return NORMS[kind](dim, eps=eps)
 
 
 def _rms_normalize(x: Tensor, eps: float) -> Tensor:
@@ -34,10 +46,12 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(nn.Module):
-    """A gated output norm, normalised over groups of `group_size` channels (None = all `dim` channels).
+    """Mamba-2's output norm: y = RMSNorm(x * silu(z)), normalised over groups of `group_size`
+    channels (None = all `dim` channels; Mamba-2 uses dim // num_groups). With
+    `norm_before_gate=True` the gate comes after the norm: y = RMSNorm(x) * silu(z) (mamba_ssm's
+    option of that name, and FLA's FusedRMSNormGated used by GLA, RetNet and Gated DeltaNet; the
+    weight multiplies before the gate).
 
-    norm_before_gate=False (Mamba-2, which uses group_size = dim // num_groups): RMSNorm(x * silu(z)) * weight;
-    norm_before_gate=True (GLA, RetNet, Gated DeltaNet; FLA's FusedRMSNormGated): RMSNorm(x) * weight * silu(z).
     x, z: (..., dim) -> (..., dim) in x's dtype.
     """
 
@@ -54,11 +68,11 @@ class GatedRMSNorm(nn.Module):
     def forward(self, x: Tensor, z: Tensor) -> Tensor:
         work = torch.promote_types(x.dtype, torch.float32)
         gate = F.silu(z.to(work))
-        inner = x.to(work) if self.norm_before_gate else x.to(work) * gate
-        groups = rearrange(inner, "... (g d) -> ... g d", d=self.group_size)
+        gated = x.to(work) if self.norm_before_gate else x.to(work) * gate
+        groups = rearrange(gated, "... (g d) -> ... g d", d=self.group_size)
         normed = rearrange(_rms_normalize(groups, self.eps), "... g d -> ... (g d)") * self.weight.to(work)
         return (normed * gate if self.norm_before_gate else normed).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return (f"{self.weight.shape[0]}, eps={self.eps}, group_size={self.group_size}, "
-                f"norm_before_gate={self.norm_before_gate}")
+        before = ", norm_before_gate=True" if self.norm_before_gate else ""
+        return f"{self.weight.shape[0]}, eps={self.eps}, group_size={self.group_size}{before}"

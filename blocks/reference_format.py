@@ -1,13 +1,18 @@
 """Load and save one Sessa layer in the reference code's `state_dict` format (LibratioAI/sessa).
 
-    block = load_reference_block(torch.load("layer.pt"), num_heads=4)   # -> GatedBlock(Sessa)
-    sd = to_reference_state_dict(block)                                # -> reference key names
+    sd = torch.load("layer.pt", map_location="cpu", weights_only=True)  # tensors only: never unpickles code
+    block = load_reference_block(sd, num_heads=4)                       # -> GatedBlock(Sessa)
+    sd = to_reference_state_dict(block)                                 # -> reference key names
 
 Reference keys of one layer (`SessaLayer`): ln.{weight,bias}, W_in.{weight,bias},
 mixer.{q,k,v}_proj.{weight,bias}, mixer.proj_fb.{weight,bias}, mixer.out_proj.weight (absent when
 n_heads == 1), mixer.gamma_bias, mixer.gamma_ctx.weight, W_out.{weight,bias}; buffers
 mixer.rope_inv_freq (with RoPE) and mixer.causal_mask_{f,fb}_full (with max_len), which we check
-(frequencies) or ignore (masks).
+(frequencies) or ignore (masks). Checkpoints in float32, float16, bfloat16 or float64 load in
+their own dtype; the frequencies are compared within that dtype's rounding.
+
+Load files from untrusted sources with `weights_only=True` (as above): without it, torch.load of
+a pickle can run arbitrary code (it is the default only from torch 2.6 on).
 """
 
 from __future__ import annotations
@@ -105,9 +110,13 @@ def load_reference_block(state_dict: dict[str, Tensor], *, num_heads: int | None
         if not rope:
             raise ValueError(f"rope=False but the checkpoint has {ROPE_KEY}: it was saved with RoPE on")
         want = RotaryEmbedding(head_dim).inv_freq
-        if inv_freq.shape != want.shape or not torch.allclose(inv_freq.float().cpu(), want, rtol=1e-6, atol=0):
-            raise ValueError(f"{ROPE_KEY} (shape {tuple(inv_freq.shape)}) differs from the frequencies "
-                             f"10000^(-2i/d) for head dim d={head_dim} that this implementation uses")
+        if not inv_freq.is_floating_point():
+            raise ValueError(f"{ROPE_KEY} must hold floating-point frequencies; got {inv_freq.dtype}")
+        # a float16/bfloat16 checkpoint holds the float32 frequencies rounded to its dtype
+        rtol = max(1e-6, torch.finfo(inv_freq.dtype).eps)
+        if inv_freq.shape != want.shape or not torch.allclose(inv_freq.float().cpu(), want, rtol=rtol, atol=0):
+            raise ValueError(f"{ROPE_KEY} (shape {tuple(inv_freq.shape)}, {inv_freq.dtype}) differs from the "
+                             f"frequencies 10000^(-2i/d) for head dim d={head_dim} that this implementation uses")
 
     dtype = state_dict["mixer.q_proj.weight"].dtype
     block = GatedBlock(D, partial(Sessa, num_heads=H, num_kv_heads=Hkv, gamma_max=gamma_max, rope=rope), ln_eps=ln_eps)
@@ -125,9 +134,10 @@ def to_reference_state_dict(block: GatedBlock) -> dict[str, Tensor]:
     mixer = block.mixer
     if not mixer.feedback:
         raise ValueError("the reference format has no Sessa without the feedback branch (feedback=False)")
-    if mixer.rope is not None and not torch.allclose(mixer.rope.inv_freq.float().cpu(), RotaryEmbedding(mixer.head_dim).inv_freq):
-        raise ValueError("the reference format fixes the RoPE base at 10000; this block uses another rope_base")
+    if mixer.rope is not None and mixer.rope.base != 10000.0:
+        raise ValueError(f"the reference format fixes the RoPE base at 10000; this block has "
+                         f"rope_base={mixer.rope.base:g}")
     sd = {key: value.detach().clone() for key, value in block.state_dict().items()}
-    if mixer.rope is not None:
-        sd[ROPE_KEY] = mixer.rope.inv_freq.detach().clone()
+    if mixer.rope is not None:  # the reference keeps the buffer in the layer's dtype
+        sd[ROPE_KEY] = mixer.rope.inv_freq.detach().to(mixer.q_proj.weight.dtype).clone()
     return sd

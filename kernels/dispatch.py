@@ -122,10 +122,15 @@ def _env_pins() -> dict[str, str]:
 
 
 class Op:
-    """A named op with ranked backends. Call it like a function."""
+    """A named op with ranked backends. Call it like a function.
 
-    def __init__(self, name: str, doc: str = ""):
+    `check(*args, **kwargs)`, if given, validates every call's inputs before a backend is chosen
+    (raising an error that names the argument), so a bad input gets the same message whichever
+    backend is pinned or available."""
+
+    def __init__(self, name: str, doc: str = "", check: Callable[..., None] | None = None):
         self.name = name
+        self.check = check
         self.__doc__ = doc
         self.backends: dict[str, Backend] = {}
         self._ranked: list[Backend] = []
@@ -203,6 +208,8 @@ class Op:
         return chosen
 
     def __call__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> Any:
+        if self.check is not None:
+            self.check(*args, **kwargs)
         return self.select(*args, backend=backend, **kwargs).fn(*args, **kwargs)
 
     def __repr__(self) -> str:

@@ -4,7 +4,8 @@ Every op takes an optional `seq_idx`: an integer tensor (B, S) naming the segmen
 each time step. Two positions interact only when their segment ids are equal. This covers:
   * packing: `cu_seqlens` -> ids 0, 0, 0, 1, 1, 2, ... along one row (B = 1);
   * left padding: pads get id -1, the prompt id 0, so the prompt never sees the pads.
-Segments must be contiguous in time. `None` means one segment per row.
+Segments must be contiguous in time: an id may not reappear in a row after another id
+(`check_seq_idx` raises, naming the row and the id). `None` means one segment per row.
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ from torch import Tensor
 
 def seq_idx_from_cu_seqlens(cu_seqlens: Tensor, total: int | None = None) -> Tensor:
     """cu_seqlens (N+1,) int, starting at 0 -> seq_idx (1, total) int64."""
+    if not isinstance(cu_seqlens, Tensor):
+        raise TypeError(f"cu_seqlens must be a 1-D integer torch.Tensor, e.g. torch.tensor([0, 5, 9]); "
+                        f"got {type(cu_seqlens).__name__}")
+    if not _is_integer(cu_seqlens):
+        raise TypeError(f"cu_seqlens must hold integer offsets (torch.int32 or torch.int64); got {cu_seqlens.dtype}")
     if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2 or int(cu_seqlens[0]) != 0:
         raise ValueError(f"cu_seqlens must be 1-D, start at 0 and have >= 2 entries; got {cu_seqlens.tolist()}")
     lengths = cu_seqlens.diff()
@@ -25,6 +31,45 @@ def seq_idx_from_cu_seqlens(cu_seqlens: Tensor, total: int | None = None) -> Ten
         raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])} but the sequence has {total} tokens")
     ids = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths)
     return ids[None].long()
+
+
+def _is_integer(t: Tensor) -> bool:
+    return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+
+
+def check_seq_idx(seq_idx: Tensor, shape: tuple[int, ...], dims: str = "(B, T)", name: str = "seq_idx", *,
+                  contiguous: bool = True) -> None:
+    """seq_idx must be an integer tensor of `shape` (described as `dims`) whose segments are
+    contiguous in time (each id in one run per row; `contiguous=False` skips that check, which
+    reads the values). Errors name `name`."""
+    if not isinstance(seq_idx, Tensor):
+        raise TypeError(f"{name} must be an integer torch.Tensor of segment ids; got {type(seq_idx).__name__}")
+    if not _is_integer(seq_idx):
+        raise TypeError(f"{name} must hold integer segment ids (e.g. torch.long); got {seq_idx.dtype}")
+    if tuple(seq_idx.shape) != tuple(shape):
+        raise ValueError(f"{name} must be {dims} = {tuple(shape)}; got {tuple(seq_idx.shape)}")
+    if contiguous:
+        check_contiguous(seq_idx, name)
+
+
+def check_contiguous(seq_idx: Tensor, name: str = "seq_idx") -> None:
+    """Raise ValueError if a segment id of (B, T) `seq_idx` reappears in a row after another id.
+
+    A row is contiguous iff it has as many runs of equal ids as distinct ids (one sort, one sync)."""
+    if seq_idx.ndim != 2 or seq_idx.shape[1] < 3:
+        return
+    runs = (seq_idx[:, 1:] != seq_idx[:, :-1]).sum(1)
+    ordered = seq_idx.sort(dim=1).values
+    distinct = (ordered[:, 1:] != ordered[:, :-1]).sum(1)
+    bad = (runs != distinct).nonzero()
+    if bad.numel():
+        row = int(bad[0, 0])
+        ids, seen = seq_idx[row].tolist(), set()
+        for t, i in enumerate(ids):
+            if i in seen and i != ids[t - 1]:
+                raise ValueError(f"{name}: segment id {i} reappears at step {t} of row {row} after another segment; "
+                                 "segments must be contiguous in time (give each document its own id)")
+            seen.add(i)
 
 
 def seq_idx_from_padding(lengths: Tensor, total: int) -> Tensor:

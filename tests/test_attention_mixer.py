@@ -166,6 +166,21 @@ def test_state_reorder_for_beam_search():
         torch.testing.assert_close(tail, mixer(x[index])[:, 5:], **TOL)
 
 
+def test_projection_options():
+    """qkv_bias adds biases to q/k/v (Sessa's forward branch has them); out_proj=False returns the
+    heads' outputs concatenated, i.e. an identity out_proj."""
+    mixer = make(num_heads=2, num_kv_heads=1, qkv_bias=True, out_proj=False)
+    assert {n for n, _ in mixer.named_parameters()} == {f"{p}_proj.{w}" for p in "qkv" for w in ("weight", "bias")}
+    with_out = make(num_heads=2, num_kv_heads=1, qkv_bias=True)
+    with torch.no_grad():
+        with_out.load_state_dict({**mixer.state_dict(), "out_proj.weight": torch.eye(D, dtype=torch.float64)})
+        x = x_of(2, 6)
+        torch.testing.assert_close(mixer(x), with_out(x), **TOL)
+        torch.testing.assert_close(run_chunks(mixer, x, [2]), mixer(x), **TOL)
+        mixer.v_proj.bias.add_(1.0)  # a shared value offset passes through the softmax average unchanged
+        torch.testing.assert_close(mixer(x), with_out(x) + 1.0, **TOL)
+
+
 def test_constructor_errors_name_the_argument():
     with pytest.raises(ValueError, match="num_heads=3.*dim=16"):
         Attention(16, num_heads=3)

@@ -231,5 +231,5 @@ def test_sizes_per_layer_and_per_token():
 
 def test_allocate_dtype_and_device():
     cache = StackCache.allocate(build_lm("hybrid"), 1, 4, device="cpu", dtype=torch.float32)
-    assert cache.states[0].k_f.dtype == torch.float32 and cache.states[2].ssm.dtype == torch.float32
+    assert cache.states[0].k.dtype == torch.float32 and cache.states[2].ssm.dtype == torch.float32
     assert (cache.batch_size, cache.max_len, cache.length, cache.num_layers) == (1, 4, 0, 4)

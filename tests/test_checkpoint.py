@@ -83,7 +83,7 @@ def test_torn_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     model(torch.arange(5)).sum().backward()
     opt.step()
 
-    real_write = checkpoint._write_file
+    real_write = checkpoint.write_synced
 
     def torn(path, data):  # the process dies half-way through writing the state file
         if path.name == checkpoint.STATE:
@@ -92,10 +92,10 @@ def test_torn_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated crash mid-write")
         real_write(path, data)
 
-    monkeypatch.setattr(checkpoint, "_write_file", torn)
+    monkeypatch.setattr(checkpoint, "write_synced", torn)
     with pytest.raises(KeyboardInterrupt):
         _save(tmp_path, 2, model, opt, data={"examples_seen": 16})
-    monkeypatch.setattr(checkpoint, "_write_file", real_write)
+    monkeypatch.setattr(checkpoint, "write_synced", real_write)
 
     assert any(p.name.startswith(".tmp_") for p in tmp_path.iterdir())  # the torn files exist...
     assert checkpoint.latest(tmp_path) == good  # ...but are never picked up
@@ -106,7 +106,7 @@ def test_torn_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
 
     # a torn pointer update: the new checkpoint folder is in place but `latest` was never replaced
-    monkeypatch.setattr(checkpoint, "_atomic_write_text", lambda path, text: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(checkpoint, "_write_latest", lambda directory, name: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         _save(tmp_path, 3, model, opt)
     monkeypatch.undo()

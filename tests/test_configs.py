@@ -12,6 +12,7 @@ configurables registered outside zoo.gin_config), and is tested according to wha
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -112,8 +113,17 @@ def test_tools_run(capsys, tmp_path):
                                          "TrainConfig.checkpoint_every = 0", "TrainConfig.eval_examples = 2",
                                          "TrainConfig.final_eval_examples = 2", "SymbolSoup.min_tokens = 30",
                                          "SymbolSoup.max_tokens = 50")] + ["--run_dir", str(tmp_path)]
-    for tool, argv in [("info", ["--gin_file=default.gin"]), ("demo", demo)]:
-        module = runpy.run_path(str(CONFIGS.parent / "tools" / f"{tool}.py"))
-        module["main"](argv)
+    runpy.run_path(str(CONFIGS.parent / "tools" / "info.py"))["main"](["--gin_file=default.gin"])
+    info = capsys.readouterr().out
+    gin_config.parse(["default.gin"])
+    params = sum(p.numel() for p in gin_config.build_model().parameters())
+    assert "pattern SASA" in info and f"total: {params:,} params" in info  # the model default.gin builds
+    assert all(f" {symbol}  {name} " in info for symbol, name in [("S", "sessa"), ("A", "attention"), ("M", "mamba2")])
+
+    final = runpy.run_path(str(CONFIGS.parent / "tools" / "demo.py"))["main"](demo)
     out = capsys.readouterr().out
-    assert "Mixers (symbol for layout patterns)" in out and "pattern SASA" in out and "loss" in out
+    for split in ("validation", "test"):  # the metrics it printed are the run's final metrics, and plausible
+        metrics = final[split]
+        assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 < metrics["loss"] < 20.0
+        assert f"| {split} | " + " | ".join(f"{value:.4f}" for value in metrics.values()) + " |" in out
+    assert json.loads((tmp_path / "final_metrics.json").read_text())["test"] == final["test"]

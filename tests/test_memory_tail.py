@@ -166,5 +166,6 @@ def test_tool_on_a_trained_run_folder(tmp_path):
                               "--directions", "2", "--fit_range", "3", "38", "--out", str(tmp_path / "probe")])
     assert result.label == "run" and [c.name for c in result.curves] == ["jacobian", "kernel layer 0"]
     assert all(np.isfinite(c.values).all() for c in result.curves)
-    assert "| run | jacobian |" in format_table([result])
+    fit = result.curves[0].fit
+    assert f"| run | jacobian | {fit.lo}–{fit.hi} | {fit.slope:.3f} | {fit.slope_r2:.4f} |" in format_table([result])
     assert plot([result], tmp_path / "figure.png").stat().st_size > 0

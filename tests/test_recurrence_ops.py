@@ -195,11 +195,13 @@ def test_automatic_selection_takes_chunked_from_16_steps(op):
     (dict(q=torch.zeros(2, 13, 2)), ValueError, r"q must be \(batch, T, heads, dk\); got \(2, 13, 2\)"),
     (dict(k=torch.zeros(2, 13, 2, 5)), ValueError, r"k must be \(batch, T, heads, dk\) = \(2, 13, 2, 4\) like q"),
     (dict(v=torch.zeros(2, 12, 2, 3)), ValueError, r"v must be \(batch, T, heads, dv\) with \(batch, T, heads\) = \(2, 13, 2\)"),
-    (dict(v=torch.zeros(2, 13, 2, 3, dtype=torch.float32)), TypeError, "q, k and v must share one floating dtype"),
+    (dict(v=torch.zeros(2, 13, 2, 3, dtype=torch.float32)), TypeError, "linear_attention: q, k and v must share one dtype"),
+    (dict(k=torch.zeros(2, 13, 2, 4, dtype=torch.long)), TypeError, "linear_attention: k must be a floating-point tensor"),
+    (dict(g=[0.0]), TypeError, "linear_attention: g must be a torch.Tensor; got list"),
     (dict(g=torch.zeros(2, 13, 2, 3)), ValueError, r"g must be \(batch, T, heads, dk\) = \(2, 13, 2, 4\) \(per key channel\) or"),
     (dict(initial_state=torch.zeros(2, 2, 3, 4)), ValueError, r"initial_state must be \(batch, heads, dk, dv\) = \(2, 2, 4, 3\)"),
-    (dict(seq_idx=torch.zeros(2, 12, dtype=torch.long)), ValueError, r"seq_idx must be an integer tensor \(batch, T\) = \(2, 13\)"),
-    (dict(seq_idx=torch.zeros(2, 13)), ValueError, r"seq_idx must be an integer tensor"),
+    (dict(seq_idx=torch.zeros(2, 12, dtype=torch.long)), ValueError, r"seq_idx must be \(batch, T\) = \(2, 13\); got \(2, 12\)"),
+    (dict(seq_idx=torch.zeros(2, 13)), TypeError, r"seq_idx must hold integer segment ids"),
     (dict(chunk_size=0), ValueError, "chunk_size must be a positive int; got chunk_size=0"),
     (dict(scale="big"), TypeError, "scale must be a number or None"),
     (dict(return_final_state=1), TypeError, "return_final_state must be a bool"),
@@ -223,6 +225,28 @@ def test_delta_rule_errors_name_the_argument(backend, change, match):
     kwargs = dict(q=q, k=k, v=v, beta=beta, g=g_head) | change
     with pytest.raises(ValueError, match=match):
         delta_rule(*(kwargs[n] for n in ("q", "k", "v", "beta", "g")), backend=backend)
+
+
+@pytest.mark.parametrize("op_name", ["linear_attention", "delta_rule"])
+def test_value_checks_refuse_growing_decays_and_bad_segments(op_name):
+    """Off by default (they read the values); with kernels.value_checks on, g > 0, beta outside [0, 1]
+    and a segment id that reappears are refused by name, whichever backend is pinned."""
+    q, k, v, beta, _, g_head, _ = inputs()
+    grow = g_head.clone()
+    grow[0, 3, 1] = 0.5
+    _call(op_name, "reference", q, k, v, beta, grow)  # accepted without the switch
+    broken = SEQ_IDX.clone()
+    broken[0, -1] = 0  # segment 0 reappears after segments 1 and 2
+    with kernels.value_checks.enabled():
+        for backend in BACKENDS:
+            with pytest.raises(ValueError, match=rf"{op_name}: g must be <= 0 \(a log decay\); got max g = 0.5"):
+                _call(op_name, backend, q, k, v, beta, grow)
+            with pytest.raises(ValueError, match="seq_idx: segment id 0 reappears at step 12 of row 0"):
+                _call(op_name, backend, q, k, v, beta, g_head, seq_idx=broken)
+            if op_name == "delta_rule":
+                with pytest.raises(ValueError, match=r"delta_rule: beta must lie in \[0, 1\]"):
+                    _call(op_name, backend, q, k, v, beta * 2, g_head)
+    assert "value checks" in kernels.get_op(op_name).__doc__
 
 
 def test_both_ops_are_registered_with_both_backends():

@@ -9,6 +9,7 @@ from functools import partial
 import pytest
 import torch
 
+from blocks.attention import Attention
 from blocks.gated_block import GatedBlock
 from blocks.reference_format import load_reference_block, to_reference_state_dict
 from blocks.sessa import Sessa, SessaState
@@ -278,7 +279,7 @@ def test_state_layout_and_size():
     block = make_block(H=4, Hkv=2)  # D = 16, d = 4
     state = block.allocate_state(3, 10)
     assert isinstance(state, SessaState)
-    assert state.k_f.shape == state.v_f.shape == (3, 10, 2, 4) and state.k_b.shape == state.s.shape == (3, 10, 16)
+    assert state.k.shape == state.v.shape == (3, 10, 2, 4) and state.k_b.shape == state.s.shape == (3, 10, 16)
     assert block.mixer.state_numbers_per_token() == 2 * 2 * 4 + 2 * 16
     assert state.nbytes_per_sequence() == 10 * (48 * 8 + 8) + 8  # float64 numbers + int64 seq_idx, next_pos
     assert make_block(H=2, feedback=False).mixer.state_numbers_per_token() == 2 * 16
@@ -338,7 +339,9 @@ def test_pinned_backends_are_used():
     assert choices and set(choices) == {("attention", "reference"), ("feedback_solve", "reference")}
 
 
-def test_decode_benchmark_runs(capsys):
+def test_decode_benchmark_table(capsys):
+    """The decode benchmark's table is consistent with itself: tokens/s = B / (s/step), the ratio is
+    Sessa's tokens/s over attention's, and the cache column is each mixer's state size."""
     import argparse
 
     from zoo.bench import decode as bench
@@ -350,5 +353,45 @@ def test_decode_benchmark_runs(capsys):
         bench.run(parser.parse_args(f"--batch 2 --dim 16 --heads 2 --prefill 5 --steps 3 --repeats 1 --threads {threads}".split()))
     finally:
         torch.set_num_threads(threads)
-    out = capsys.readouterr().out
-    assert "attention" in out and "sessa" in out and "1.00x" in out
+    lines = capsys.readouterr().out.splitlines()
+    assert "backends used: attention: sdpa; feedback_solve: reference" in lines  # single steps: the one-row solve
+    rows = {line.split()[0]: line.split()[1:] for line in lines if line.split()[:1] in (["attention"], ["sessa"])}
+    assert set(rows) == {"attention", "sessa"}
+    for name, (prefill_ms, ms_per_step, tps, ratio, cache) in rows.items():
+        assert float(prefill_ms) > 0
+        assert float(tps) == pytest.approx(2 * 1e3 / float(ms_per_step), rel=2e-3, abs=0.5)  # B = 2 tokens per step
+        mixer = Sessa(16, num_heads=2) if name == "sessa" else Attention(16, num_heads=2)
+        assert int(cache) == mixer.state_numbers_per_token()
+    assert rows["attention"][3] == "1.00x"
+    ratio = float(rows["attention"][1]) / float(rows["sessa"][1])  # from the printed ms/step (3 decimals)
+    assert float(rows["sessa"][3].rstrip("x")) == pytest.approx(ratio, rel=0.01, abs=0.005)
+
+
+def test_forward_branch_is_the_attention_mixer():
+    """With feedback=False, Sessa is the Attention mixer with biased q/k/v projections (and no
+    out_proj when H == 1): same weights, same outputs, full forward and decoding."""
+    for H in (1, 4):
+        sessa = Sessa(16, num_heads=H, num_kv_heads=max(1, H // 2), feedback=False).double()
+        attention = Attention(16, num_heads=H, num_kv_heads=max(1, H // 2), qkv_bias=True, out_proj=H > 1).double()
+        attention.load_state_dict(sessa.state_dict())
+        x = torch.randn(2, 9, 16, dtype=torch.float64)
+        torch.testing.assert_close(sessa(x), attention(x), atol=0, rtol=0)
+        with torch.no_grad():
+            s_state, a_state = sessa.allocate_state(2, 9), attention.allocate_state(2, 9)
+            for t in range(9):
+                torch.testing.assert_close(sessa(x[:, t:t + 1], state=s_state), attention(x[:, t:t + 1], state=a_state),
+                                           atol=0, rtol=0)
+    with pytest.raises(TypeError, match="SessaState"):
+        Sessa(16)(torch.randn(1, 2, 16), state=Attention(16).allocate_state(1, 2))
+
+
+def test_uniform_attention_construction_leaves_sessa_alone():
+    """Sessa subclasses Attention; the probes' `uniform_attention` acts on the attention mixers only."""
+    from zoo.probes.construction import explicit_construction
+
+    block_s, block_a = GatedBlock(16, partial(Sessa, num_heads=2)), GatedBlock(16, partial(Attention, num_heads=2))
+    before = block_s.mixer.q_proj.weight.clone()
+    explicit_construction(torch.nn.Sequential(block_s, block_a), uniform_attention=True)
+    assert not block_a.mixer.q_proj.weight.any() and torch.equal(block_s.mixer.q_proj.weight, before)
+    with pytest.raises(ValueError, match="no layer"):
+        explicit_construction(block_s, uniform_attention=True)

@@ -25,6 +25,18 @@ def test_registry_names_and_errors():
         get_task("mqar").split("dev")
 
 
+@pytest.mark.parametrize("name", ["symbol_soup", "diffuse_mqar", "mqar"])
+def test_generated_tasks_validate_split_sizes_and_seed(name):
+    """One check in Task.set_splits for every generated task: sizes >= 1, seed >= 0, named in the error."""
+    task = get_task(name, num_train=3, num_validation=2, num_test=1, seed=5)
+    assert [task.num_examples(s) for s in ("train", "validation", "test")] == [3, 2, 1] and task.seed == 5
+    for arg, bad in (("num_train", 0), ("num_validation", -1), ("num_test", 1.5), ("seed", -1), ("seed", True)):
+        with pytest.raises(ValueError, match=f"^{arg} must be an integer"):
+            get_task(name, **{arg: bad})
+    with pytest.raises(IndexError, match="out of range for the test split of 1 examples"):
+        task.split("test")[1]
+
+
 # ----------------------------------------------------------------------------- SymbolSoup
 
 LETTER_RUN = r"[a-p](?: [a-p])*"

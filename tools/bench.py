@@ -7,24 +7,24 @@ machines are noisy).
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import pkgutil
 
 import zoo.bench
+from zoo import cli
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = cli.parser(__doc__)
     sub = parser.add_subparsers(dest="name", required=True)
     for info in sorted(pkgutil.iter_modules(zoo.bench.__path__), key=lambda i: i.name):
         module = importlib.import_module(f"zoo.bench.{info.name}")
         p = sub.add_parser(info.name.replace("_", "-"), help=(module.__doc__ or "").strip().splitlines()[0])
         module.add_arguments(p)
         p.set_defaults(run=module.run)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.run(args)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

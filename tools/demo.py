@@ -1,5 +1,6 @@
 """make demo: train the default hybrid (Sessa interleaved with attention, tiny size) on SymbolSoup,
-then print the metrics table and where the plots are. Chance is 1/20 = 0.05.
+then print the metrics table (with chance, the best shortcut baseline and the Bayes-optimal ceiling
+of SymbolSoup at the demo's lengths) and where the plots are. Chance is 1/20 = 0.05.
 
     python tools/demo.py                                  # configs/experiments/demo.gin
     python tools/demo.py --gin_param "TrainConfig.steps = 300"      # a quicker, weaker run
@@ -11,28 +12,23 @@ final_metrics.json, checkpoints/ and plots/; evaluate it again with tools/evalua
 
 from __future__ import annotations
 
-import argparse
-import inspect
 import time
 from pathlib import Path
 
 import torch
 
-from zoo import gin_config
+from zoo import cli, gin_config
 from zoo.summary import summarize
+from zoo.tasks.reference import references
 from zoo.train import configurables
 from zoo.train.evaluate import metrics_table
 from zoo.train.loop import train
 
-CHANCE = 1 / 20
-
-
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=inspect.cleandoc(__doc__ or ""),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     gin_config.add_gin_args(parser)
     parser.add_argument("--run_dir", type=Path, default=None, help="default: runs/demo-<date>-<time>")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=cli.positive_int, default=1,
                         help="torch CPU threads (default 1: this tiny model gains little from more, and when the "
                              "cores are shared, extra OpenMP threads can slow every step down many times over)")
     args = parser.parse_args(argv)
@@ -45,17 +41,22 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(config.seed)
     print(summarize(gin_config.build_model()))
     print(f"\ntask: {task!r}, {task.min_tokens}-{task.max_tokens} tokens, {task.num_classes} classes "
-          f"(chance {CHANCE:.2f}); {config.steps} steps of {config.batch_size} examples, "
+          f"(chance {1 / task.num_classes:.2f}); {config.steps} steps of {config.batch_size} examples, "
           f"{torch.get_num_threads()} CPU threads\n")
 
     start = time.perf_counter()
     final = train(config, gin_config.build_model, task, run_dir, operative_config=gin_config.operative_config)
     minutes = (time.perf_counter() - start) / 60
 
-    print("\n" + metrics_table({split: final[split] for split in config.final_splits}))
-    accuracy = final[config.final_splits[-1]].get("accuracy")
-    if accuracy is not None:
-        print(f"\n{config.final_splits[-1]} accuracy {accuracy:.3f} = {accuracy / CHANCE:.1f}x chance ({CHANCE:.2f})")
+    last = config.final_splits[-1]
+    refs = references(task, last, config.final_eval_examples)  # on the examples the run was scored on
+    print("\n" + metrics_table({split: final[split] for split in config.final_splits}, refs))
+    accuracy = final[last].get("accuracy")
+    if refs and accuracy is not None:
+        shortcut, best = refs.best_shortcut()
+        print(f"{refs.caption()}\n\n{last} accuracy {accuracy:.3f} = {accuracy / refs.chance:.1f}x chance "
+              f"({refs.chance:.2f}) = {refs.fraction(accuracy):.2f} of the ceiling ({refs.ceiling['accuracy']}, "
+              f"{refs.ceiling_name}); best shortcut baseline: {shortcut} {best}")
     print(f"{final['parameters']:,} parameters, {final['tokens_per_s']:,.0f} tokens/s, {minutes:.1f} minutes")
     print(f"plots:      {run_dir / 'plots' / 'loss.png'}  {run_dir / 'plots' / 'metrics.png'}")
     print(f"run folder: {run_dir}   (python tools/evaluate.py {run_dir} --split test)")
@@ -63,4 +64,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

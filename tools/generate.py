@@ -16,9 +16,7 @@ it is produced; with several they are generated as one batch and printed when do
 
 from __future__ import annotations
 
-import argparse
 import codecs
-import inspect
 import sys
 import time
 from pathlib import Path
@@ -26,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from zoo import gin_config
+from zoo import cli, gin_config
 from zoo.cache import StackCache
 from zoo.generate import generate
 from zoo.train import checkpoint
@@ -75,8 +73,7 @@ class Printer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=inspect.cleandoc(__doc__ or ""),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     gin_config.add_gin_args(parser)
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="run folder, checkpoint folder or model.safetensors (default: random weights)")
@@ -84,15 +81,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt_ids", action="append", default=[],
                         help="prompt as token ids separated by spaces or commas (repeatable)")
     parser.add_argument("--ids", action="store_true", help="print token ids instead of decoded bytes")
-    parser.add_argument("--max_new_tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top_k", type=int, default=None)
-    parser.add_argument("--top_p", type=float, default=None)
+    parser.add_argument("--max_new_tokens", type=cli.positive_int, default=200)
+    parser.add_argument("--temperature", type=cli.positive_float, default=1.0)
+    parser.add_argument("--top_k", type=cli.positive_int, default=None)
+    parser.add_argument("--top_p", type=cli.probability, default=None)
     parser.add_argument("--greedy", action="store_true", help="argmax decoding")
-    parser.add_argument("--stop_token", type=int, action="append", default=[],
+    parser.add_argument("--stop_token", type=cli.nonnegative_int, action="append", default=[],
                         help="finish a row when it produces this token id (repeatable; 10 is a newline in bytes)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (and of the random weights)")
-    parser.add_argument("--prefill_chunk", type=int, default=None, help="prefill the prompt in chunks of this size")
+    parser.add_argument("--prefill_chunk", type=cli.positive_int, default=None, help="prefill the prompt in chunks of this size")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--show_cache", action="store_true", help="print the cache's memory per layer")
@@ -110,7 +107,12 @@ def main(argv: list[str] | None = None) -> None:
         print("weights: random (no --checkpoint)", file=sys.stderr)
     model = model.to(device=args.device, dtype=DTYPES[args.dtype]).eval()
 
-    prompts = [[int(t) for t in p.replace(",", " ").split()] for p in args.prompt_ids]
+    prompts = []
+    for text in args.prompt_ids:
+        try:
+            prompts.append([int(t) for t in text.replace(",", " ").split()])
+        except ValueError:
+            parser.error(f"--prompt_ids {text!r}: token ids must be integers separated by spaces or commas")
     if args.prompt:
         if model.vocab_size < 256:
             parser.error(f"--prompt is encoded as bytes but the model's vocab_size is {model.vocab_size} < 256; "
@@ -144,4 +146,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -9,11 +9,8 @@ op's backends with their availability (and the reason when unavailable).
 
 from __future__ import annotations
 
-import argparse
-import inspect
-
 import kernels
-from zoo import gin_config
+from zoo import cli, gin_config
 from zoo.registry import REGISTRY, underlying_class
 from zoo.summary import summarize
 
@@ -50,10 +47,9 @@ def backends_text() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=inspect.cleandoc(__doc__ or ""),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     gin_config.add_gin_args(parser)
-    parser.add_argument("--seq_len", type=int, default=8, help="length of the summary's probe forward")
+    parser.add_argument("--seq_len", type=cli.positive_int, default=8, help="length of the summary's probe forward")
     args = parser.parse_args(argv)
     print(registry_text())
     print()
@@ -65,4 +61,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -16,7 +16,6 @@ its routing statistics (zoo/probes/memory_tail.py, docs/memory_tail.md). Writes 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from zoo import gin_config
+from zoo import cli, gin_config
 from zoo.probes.memory_tail import ProbeResult, format_table, plot, probe, random_inputs, task_inputs
 
 
@@ -70,27 +69,26 @@ def run_probe(model: torch.nn.Module, inputs: torch.Tensor, label: str, args: ar
 
 
 def main(argv: list[str] | None = None) -> list[ProbeResult]:
-    parser = argparse.ArgumentParser(description=inspect.cleandoc(__doc__ or ""),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     gin_config.add_gin_args(parser)
     parser.add_argument("--layout", action="append", default=[],
                         help="probe a model built from the gin config with LAYOUT = this pattern (repeatable)")
     parser.add_argument("--run", action="append", default=[], help="a trained run folder to probe (repeatable)")
-    parser.add_argument("--seq_len", type=int, default=None,
+    parser.add_argument("--seq_len", type=cli.positive_int, default=None,
                         help="sequence length T (default 512 for gin models; a run: its shortest example)")
-    parser.add_argument("--batch_size", type=int, default=2, help="inputs averaged over (default 2)")
-    parser.add_argument("--sources", type=int, nargs="+", default=[0, 1, 2, 3],
+    parser.add_argument("--batch_size", type=cli.positive_int, default=2, help="inputs averaged over (default 2)")
+    parser.add_argument("--sources", type=cli.nonnegative_int, nargs="+", default=[0, 1, 2, 3],
                         help="source positions tau averaged over (default 0 1 2 3)")
-    parser.add_argument("--directions", type=int, default=16,
+    parser.add_argument("--directions", type=cli.positive_int, default=16,
                         help="Gaussian tangents per input and source: an unbiased estimate of the squared "
                              "norm (default 16)")
     parser.add_argument("--exact", action="store_true",
                         help="push all D unit tangents instead (the exact Frobenius norm; D/16 times the cost)")
-    parser.add_argument("--fit_range", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+    parser.add_argument("--fit_range", type=cli.nonnegative_int, nargs=2, default=None, metavar=("LO", "HI"),
                         help="lags of the fits (default: L/16 .. L-1)")
     parser.add_argument("--no_jacobian", action="store_true", help="Sessa kernels only (cheap at long T)")
     parser.add_argument("--float32", action="store_true", help="probe in float32 (default float64)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the initialisation and the inputs")
+    parser.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seeds the initialisation and the inputs")
     parser.add_argument("--out", type=Path, default=Path("runs/memory_tail"), help="output folder")
     args = parser.parse_args(argv)
     if not args.gin_file and not args.run:
@@ -119,4 +117,4 @@ def main(argv: list[str] | None = None) -> list[ProbeResult]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -35,14 +35,22 @@ class LayerCacheSize:
     nbytes_per_sequence: int  # bytes per sequence at the allocated max_len (bookkeeping included)
 
 
+def layer_signature(layer: nn.Module) -> str:
+    """What a layer's decoding state depends on: the mixer's class and sizes (its extra_repr)."""
+    mixer = getattr(layer, "mixer", layer)
+    return f"{type(mixer).__name__}({mixer.extra_repr()})"
+
+
 class StackCache:
     """The decoding states of every layer of a stack, advanced together.
 
     Build it with `StackCache.allocate`; pass it to `CausalLM.forward(..., cache=)` or
-    `Stack.forward(..., cache=)`.
+    `Stack.forward(..., cache=)`. It remembers the stack it was allocated for (`signature`: each
+    layer's mixer and sizes), and a stack refuses a cache allocated for another width or layer order.
     """
 
-    def __init__(self, states: Sequence[DecodeState], mixers: Sequence[str], numbers_per_token: Sequence[int | None]):
+    def __init__(self, states: Sequence[DecodeState], mixers: Sequence[str], numbers_per_token: Sequence[int | None],
+                 signature: Sequence[str] | None = None):
         if not states or not all(isinstance(s, DecodeState) for s in states):
             raise TypeError("states must be a non-empty list of DecodeState (one per layer)")
         if not len(states) == len(mixers) == len(numbers_per_token):
@@ -51,6 +59,7 @@ class StackCache:
         self.states = list(states)
         self.mixers = list(mixers)
         self.numbers_per_token = list(numbers_per_token)
+        self.signature = tuple(signature) if signature is not None else None
 
     @classmethod
     def allocate(cls, model: nn.Module, batch_size: int, max_len: int, device: torch.device | str | None = None,
@@ -73,7 +82,7 @@ class StackCache:
             mixer = getattr(layer, "mixer", layer)
             mixers.append(name or type(mixer).__name__)
             per_token.append(mixer.state_numbers_per_token() if isinstance(mixer, Mixer) else None)
-        return cls(states, mixers, per_token)
+        return cls(states, mixers, per_token, [layer_signature(layer) for layer in stack.layers])
 
     # ------------------------------------------------------------------ sizes
     @property

@@ -14,12 +14,51 @@ stop token or reaches `max_new_tokens`.
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from zoo.cache import StackCache
+
+
+def _check_model(model: nn.Module) -> int:
+    """generate() needs a causal LM: model(tokens, seq_idx=, cache=) -> logits (B, T, V). -> its vocab_size."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a causal language model (an nn.Module such as zoo.models.CausalLM); "
+                        f"got {type(model).__name__}")
+    name = type(model).__name__
+    if getattr(model, "num_classes", None) is not None:
+        raise TypeError(f"model must be a causal language model; got {name}, a classifier (num_classes="
+                        f"{model.num_classes}) that predicts one label per sequence, not the next token")
+    vocab = getattr(model, "vocab_size", None)
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+        raise TypeError(f"model must be a causal language model with an int vocab_size (e.g. zoo.models.CausalLM); "
+                        f"{name} has vocab_size={vocab!r}")
+    if "cache" not in inspect.signature(model.forward).parameters:
+        raise TypeError(f"model must be a causal language model whose forward takes cache= (a decoding cache); "
+                        f"{name}.forward does not")
+    return vocab
+
+
+def _check_stop_tokens(stop_tokens, vocab_size: int) -> set[int]:
+    """An int or a sequence of ints in [0, vocab_size) -> a set; errors name stop_tokens."""
+    if isinstance(stop_tokens, Tensor):
+        stop_tokens = stop_tokens.reshape(-1).tolist()
+    if isinstance(stop_tokens, int) and not isinstance(stop_tokens, bool):
+        stop_tokens = [stop_tokens]
+    if isinstance(stop_tokens, (str, bytes)) or not isinstance(stop_tokens, (Sequence, set, frozenset)):
+        raise TypeError(f"stop_tokens must be token ids: an int or a list of ints, e.g. stop_tokens=[10]; "
+                        f"got {stop_tokens!r}")
+    bad = [t for t in stop_tokens if isinstance(t, bool) or not isinstance(t, int)]
+    if bad:
+        raise TypeError(f"stop_tokens must be token ids (ints); got {bad[:5]} in stop_tokens={list(stop_tokens)!r}")
+    outside = [t for t in stop_tokens if not 0 <= t < vocab_size]
+    if outside:
+        raise ValueError(f"stop_tokens must lie in [0, vocab_size={vocab_size}); got {outside[:5]}: the model "
+                         "can never produce them")
+    return set(stop_tokens)
 
 
 def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
@@ -77,17 +116,22 @@ def _check_options(max_new_tokens: int, temperature: float, top_k: int | None, t
                    prefill_chunk: int | None, pad_id: int, vocab_size: int) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int; got max_new_tokens={max_new_tokens!r}")
-    if not greedy and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (use greedy=True for argmax decoding); got temperature={temperature}")
+    if not greedy and (not _is_number(temperature) or not 0 < temperature < float("inf")):
+        raise ValueError(f"temperature must be > 0 and finite (use greedy=True for argmax decoding); "
+                         f"got temperature={temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None; got top_k={top_k!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
+    if top_p is not None and (not _is_number(top_p) or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must lie in (0, 1] or be None; got top_p={top_p!r}")
     if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
                                       or prefill_chunk < 1):
         raise ValueError(f"prefill_chunk must be a positive int or None; got prefill_chunk={prefill_chunk!r}")
-    if not 0 <= pad_id < vocab_size:
-        raise ValueError(f"pad_id must lie in [0, vocab_size={vocab_size}); got pad_id={pad_id}")
+    if isinstance(pad_id, bool) or not isinstance(pad_id, int) or not 0 <= pad_id < vocab_size:
+        raise ValueError(f"pad_id must lie in [0, vocab_size={vocab_size}) (an int); got pad_id={pad_id!r}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @torch.inference_mode()
@@ -108,7 +152,8 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
         top_k: sample only among the k most likely tokens.
         top_p: sample only from the smallest set of most likely tokens with total probability >= top_p.
         greedy: take the argmax (temperature, top_k and top_p are then unused).
-        stop_tokens: a row finishes when it produces one of these.
+        stop_tokens: token ids (an int or a list of ints in [0, vocab_size)); a row finishes when
+            it produces one of these.
         seed: seeds the torch.Generator used for sampling; None draws the seed from torch's global
             generator (so torch.manual_seed makes a run reproducible too).
         pad_id: token placed on the left of shorter prompts (its value does not change the result).
@@ -117,10 +162,10 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
         return_scores: also return, per row, the model's log-probability (temperature 1, before
             top-k/top-p) of each generated token.
     """
-    vocab_size = model.vocab_size
+    vocab_size = _check_model(model)
     rows = _check_prompts(prompts, vocab_size)
     _check_options(max_new_tokens, temperature, top_k, top_p, greedy, prefill_chunk, pad_id, vocab_size)
-    stop = {int(t) for t in stop_tokens}
+    stop = _check_stop_tokens(stop_tokens, vocab_size)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
     generator.manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)

@@ -19,35 +19,48 @@ DeltaNet (arXiv 2406.06484) is g = None, Gated DeltaNet (arXiv 2412.06464) a dat
 
 The op computes the recurrence for any keys. It is a contraction only when beta_t |k_t|^2 <= 2
 (I - beta k k^T then has eigenvalues in [-1, 1]); the mixers L2-normalise the keys, so |k_t| = 1
-and beta in (0, 1) keep the state bounded. Values of beta, g and |k| are not checked.
-Half-precision inputs are computed in float32. The `reference` backend is the recurrence above,
-token by token (also the T = 1 decoding path).
+and beta in (0, 1) keep the state bounded; |k| is not checked. Half-precision inputs are computed
+in float32. The `reference` backend is the recurrence above, token by token (also the T = 1
+decoding path).
+
+Checked on every call (before a backend is chosen; errors name the argument): shapes, floating
+point tensors on one device, integer seq_idx, chunk_size, scale. With value checks on
+(kernels.value_checks): beta in [0, 1], g <= 0, contiguous segments.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
+from kernels import value_checks
 from kernels.dispatch import Op
-from kernels.linear_attention.contract import check_state_inputs
-
-delta_rule = Op("delta_rule", __doc__)
+from kernels.linear_attention.contract import check_state_inputs, check_values
 
 
-def check_inputs(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None = None, *, scale: float | None = None,
-                 initial_state: Tensor | None = None, seq_idx: Tensor | None = None, chunk_size: int = 64,
-                 return_final_state: bool = False) -> None:
-    """Checks shared by every backend; raises ValueError (TypeError for wrong kinds) naming the argument."""
-    check_state_inputs(q, k, v, scale, initial_state, seq_idx, chunk_size, return_final_state)
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None = None, *,
+                 scale: float | None = None, initial_state: Tensor | None = None, seq_idx: Tensor | None = None,
+                 chunk_size: int = 64, return_final_state: bool = False) -> None:
+    """Shape, dtype and device checks shared by every backend; errors name the argument."""
+    check_state_inputs("delta_rule", q, k, v, dict(beta=beta, g=g), scale, initial_state, seq_idx, chunk_size,
+                       return_final_state)
     B, T, H, _ = q.shape
-    if not isinstance(beta, Tensor) or tuple(beta.shape) != (B, T, H):
-        raise ValueError(f"beta must be (batch, T, heads) = {(B, T, H)}; got {_shape(beta)}")
-    if g is not None and (not isinstance(g, Tensor) or tuple(g.shape) != (B, T, H)):
-        raise ValueError(f"g must be (batch, T, heads) = {(B, T, H)} (a log decay per head) or None; got {_shape(g)}")
-    for name, value in (("beta", beta), ("g", g)):
-        if value is not None and not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating tensor; got {value.dtype}")
+    if tuple(beta.shape) != (B, T, H):
+        raise ValueError(f"beta must be (batch, T, heads) = {(B, T, H)}; got {tuple(beta.shape)}")
+    if g is not None and tuple(g.shape) != (B, T, H):
+        raise ValueError(f"g must be (batch, T, heads) = {(B, T, H)} (a log decay per head) or None; "
+                         f"got {tuple(g.shape)}")
 
 
-def _shape(value: object) -> object:
-    return tuple(value.shape) if isinstance(value, Tensor) else value
+def validate(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None = None, *,
+             seq_idx: Tensor | None = None, **options) -> None:
+    """Every call's checks (run by the op before dispatch): check_inputs, plus with value checks on
+    (kernels.value_checks) beta in [0, 1], g <= 0 and contiguous segments."""
+    check_inputs(q, k, v, beta, g, seq_idx=seq_idx, **options)
+    if value_checks.active():
+        if beta.numel() and not bool(((beta >= 0) & (beta <= 1)).all()):
+            raise ValueError(f"delta_rule: beta must lie in [0, 1] (a write strength); got values in "
+                             f"[{beta.min().item():.6g}, {beta.max().item():.6g}]")
+        check_values("delta_rule", g, seq_idx)
+
+
+delta_rule = Op("delta_rule", __doc__, check=validate)

@@ -12,6 +12,11 @@ With all keys kk = [past_k; k], all outputs ss = [past_s; s] and new row t at po
     s_t = f_t + gamma_t * sum_j alpha[t, j] ss_j
 i.e. forward substitution of (I - gamma * alpha) s = f. Row 0 of a segment has no past: s = f.
 Half-precision inputs are solved in float32 and cast back. (I - B_fb)^-1 is never formed.
+
+Checked on every call (before a backend is chosen; errors name the argument): shapes, floating
+point tensors on one device, integer seq_idx. With value checks on (kernels.value_checks): |gamma| < 1
+(the solve is only stable, and Sessa's bound only holds, for gains inside the unit interval) and
+segments contiguous in time.
 """
 
 from __future__ import annotations
@@ -21,15 +26,23 @@ import math
 import torch
 from torch import Tensor
 
+from kernels import value_checks
 from kernels.dispatch import Op
-from kernels.packing import same_segment
-
-feedback_solve = Op("feedback_solve", __doc__)
+from kernels.packing import check_contiguous, check_seq_idx, same_segment
 
 
 def check_inputs(f: Tensor, q: Tensor, k: Tensor, gamma: Tensor, past_k: Tensor | None = None,
                  past_s: Tensor | None = None, seq_idx: Tensor | None = None) -> None:
-    """Shape checks shared by every backend; raises ValueError naming the argument."""
+    """Shape, dtype and device checks shared by every backend; errors name the argument."""
+    for name, t in (("f", f), ("q", q), ("k", k), ("gamma", gamma), ("past_k", past_k), ("past_s", past_s)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"feedback_solve: {name} must be a torch.Tensor; got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"feedback_solve: {name} must be a floating-point tensor; got {t.dtype}")
+        if t.device != f.device:
+            raise ValueError(f"feedback_solve: {name} is on {t.device} but f is on {f.device}")
     if f.ndim != 3:
         raise ValueError(f"f must be (B, T, D); got {tuple(f.shape)}")
     B, T, _ = f.shape
@@ -44,8 +57,25 @@ def check_inputs(f: Tensor, q: Tensor, k: Tensor, gamma: Tensor, past_k: Tensor 
         P = past_k.shape[1]
         if past_k.shape != (B, P, q.shape[2]) or past_s.shape != (B, P, f.shape[2]):
             raise ValueError(f"past_k must be (B, P, Dk) and past_s (B, P, D); got {tuple(past_k.shape)}, {tuple(past_s.shape)}")
-    if seq_idx is not None and tuple(seq_idx.shape) != (B, P + T):
-        raise ValueError(f"seq_idx must be (B, P + T) = {(B, P + T)}; got {tuple(seq_idx.shape)}")
+    if seq_idx is not None:
+        check_seq_idx(seq_idx, (B, P + T), "(B, P + T)", contiguous=False)
+
+
+def validate(f: Tensor, q: Tensor, k: Tensor, gamma: Tensor, *, past_k: Tensor | None = None,
+             past_s: Tensor | None = None, seq_idx: Tensor | None = None, **backend_options) -> None:
+    """Every call's checks (run by the op before dispatch): check_inputs, plus with value checks
+    on (kernels.value_checks) |gamma| < 1 and contiguous segments."""
+    check_inputs(f, q, k, gamma, past_k, past_s, seq_idx)
+    if value_checks.active():
+        if gamma.numel() and not bool((gamma.abs() < 1).all()):
+            worst = gamma.abs().max().item()
+            raise ValueError(f"feedback_solve: gamma must satisfy |gamma| < 1 (got max |gamma| = {worst:.6g}); "
+                             "the feedback solve is unstable otherwise")
+        if seq_idx is not None:
+            check_contiguous(seq_idx, "seq_idx")
+
+
+feedback_solve = Op("feedback_solve", __doc__, check=validate)
 
 
 def strict_past(T: int, P: int, device: torch.device, seq_idx: Tensor | None = None) -> Tensor:

@@ -12,21 +12,33 @@ Recurrence per head (state h: P x N):
 where h_{t-1} is taken as 0 when step t starts a new segment (seq_idx changes); the initial state
 belongs to the segment of step 0. The skip term D x and the gate are the mixer's business.
 The `reference` backend is the sequential scan; `chunk_size` is a hint for chunked backends.
+
+Checked on every call (before a backend is chosen; errors name the argument): shapes, floating
+point tensors on one device, integer seq_idx. With value checks on (kernels.value_checks): A <= 0
+and dt >= 0 (otherwise exp(dt A) > 1 and the state grows without bound), contiguous segments.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
+from kernels import value_checks
 from kernels.dispatch import Op
-from kernels.packing import segment_starts  # noqa: F401  (re-exported: the masks every ssd backend shares)
-
-ssd = Op("ssd", __doc__)
+from kernels.packing import check_contiguous, check_seq_idx, segment_starts  # noqa: F401  (segment_starts: re-exported)
 
 
 def check_inputs(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
                  initial_state: Tensor | None = None, seq_idx: Tensor | None = None) -> None:
-    """Shape checks shared by every backend; raises ValueError naming the argument."""
+    """Shape, dtype and device checks shared by every backend; errors name the argument."""
+    for name, t in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("initial_state", initial_state)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"ssd: {name} must be a torch.Tensor; got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"ssd: {name} must be a floating-point tensor; got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"ssd: {name} is on {t.device} but x is on {x.device}")
     if x.ndim != 4:
         raise ValueError(f"x must be (batch, T, heads, head_dim); got {tuple(x.shape)}")
     Bt, T, H, P = x.shape
@@ -38,5 +50,24 @@ def check_inputs(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
         raise ValueError(f"B and C must be (batch, T, groups, state) with heads % groups == 0; got B {tuple(B.shape)}, C {tuple(C.shape)}")
     if initial_state is not None and tuple(initial_state.shape) != (Bt, H, P, B.shape[3]):
         raise ValueError(f"initial_state must be {(Bt, H, P, B.shape[3])}; got {tuple(initial_state.shape)}")
-    if seq_idx is not None and tuple(seq_idx.shape) != (Bt, T):
-        raise ValueError(f"seq_idx must be (batch, T) = {(Bt, T)}; got {tuple(seq_idx.shape)}")
+    if seq_idx is not None:
+        check_seq_idx(seq_idx, (Bt, T), "(batch, T)", contiguous=False)
+
+
+def validate(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, initial_state: Tensor | None = None,
+             seq_idx: Tensor | None = None, **backend_options) -> None:
+    """Every call's checks (run by the op before dispatch): check_inputs, plus with value checks
+    on (kernels.value_checks) A <= 0, dt >= 0 and contiguous segments."""
+    check_inputs(x, dt, A, B, C, initial_state, seq_idx)
+    if value_checks.active():
+        if A.numel() and not bool((A <= 0).all()):
+            raise ValueError(f"ssd: A must be <= 0 (a decay); got max A = {A.max().item():.6g}, so exp(dt A) > 1 "
+                             "and the state grows without bound")
+        if dt.numel() and not bool((dt >= 0).all()):
+            raise ValueError(f"ssd: dt must be >= 0 (step sizes, already softplus'd); got min dt = {dt.min().item():.6g}")
+        if seq_idx is not None:
+            check_contiguous(seq_idx, "seq_idx")
+
+
+ssd = Op("ssd", __doc__, check=validate)
+

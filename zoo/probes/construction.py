@@ -7,7 +7,7 @@
     explicit_construction.model = @CausalLM
     explicit_construction.gain = 0.5
 
-What each option sets and what the theory predicts (/work/shared/design/sessa.md):
+What each option sets and what the theory predicts (docs/memory_tail.md):
   * uniform_routing: Sessa's feedback projection (proj_fb weight and bias) is zero, so q_b = k_b = 0
     and alpha_{t,j} = 1/t over the strict past (c2 = max t * alpha = 1).
   * gain: Sessa's gain is the constant gain: gamma_ctx.weight = 0 and
@@ -67,7 +67,8 @@ def explicit_construction(model: nn.Module | Callable[[], nn.Module], uniform_ro
                 mixer.gamma_bias.fill_(math.atanh(gain / mixer.gamma_max))
             changed += 1
     if uniform_attention:
-        for mixer in (m for m in model.modules() if isinstance(m, Attention)):
+        # Sessa subclasses Attention (its forward branch); only the attention mixers themselves are meant
+        for mixer in (m for m in model.modules() if isinstance(m, Attention) and not isinstance(m, Sessa)):
             mixer.q_proj.weight.zero_()
             changed += 1
     if mamba2_step is not None:

@@ -6,6 +6,9 @@
     metrics = task.metrics("validation")
     for batch in loader: metrics.update(model(batch["tokens"]), batch)
     metrics.compute()  # {"accuracy": ...}
+
+Chance, shortcut baselines and the ceiling of a task on the same examples:
+`zoo.tasks.reference.references(task, "test", 1000)` (docs/tasks.md).
 """
 
 from __future__ import annotations

@@ -95,8 +95,9 @@ class TaskSplit(Dataset):
 
 
 class Task(ABC):
-    """Base class; subclasses set the attributes below in __init__ and implement
-    `num_examples` and `example`."""
+    """Base class; subclasses set the attributes below in __init__ and implement `example`.
+    Generated tasks call `set_splits(num_train, num_validation, num_test, seed)` in __init__;
+    tasks whose splits are not generated (text) override `num_examples` instead."""
 
     name: ClassVar[str]
     kind: str
@@ -104,10 +105,25 @@ class Task(ABC):
     seq_len: int
     num_classes: int | None = None
     pad_id: int = 0
+    sizes: dict[str, int]
+    seed: int
 
-    @abstractmethod
+    def set_splits(self, num_train: int, num_validation: int, num_test: int, seed: int) -> None:
+        """Validate and store the split sizes (each >= 1) and the seed of the examples (>= 0)."""
+        self.sizes = {
+            "train": check_positive_int("num_train", num_train),
+            "validation": check_positive_int("num_validation", num_validation),
+            "test": check_positive_int("num_test", num_test),
+        }
+        self.seed = check_positive_int("seed", seed, minimum=0)
+
     def num_examples(self, split: str) -> int:
         """Number of examples in a split."""
+        return self.sizes[check_split(split)]
+
+    def generator(self, split: str, index: int) -> np.random.Generator:
+        """The numpy Generator of one example (independent per task seed, split and index)."""
+        return example_generator(self.seed, split, index)
 
     @abstractmethod
     def example(self, split: str, index: int) -> dict[str, Tensor]:

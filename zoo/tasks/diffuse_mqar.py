@@ -11,12 +11,21 @@ in a different last token chosen so that the full distractor key equals no memor
 a random value. The queries are Q of the P memory pairs in random order, written like pairs; the
 scored step is the last key token of each query, whose target is the pair's value.
 
-Lag: for memory pair i queried in query slot j the lag is the distance between the key's two
-occurrences, lag = w * (P - i + D + j) tokens. Each example draws the query order, then D
-uniformly among the values that put every one of its Q lags inside the split's lag range
-(train / validation: `lag_range`, test: `test_lag_range`, by default up to 4x the largest
-training lag). The per-query lag is returned in the `lag` field and the metric reports accuracy
-per lag bucket.
+In this layout (the paper's, the default) every distractor follows the memory, so answering with
+the value of the *first* pair whose key shares the query's prefix (or its last token) recovers
+most answers without matching whole keys. `front_distractors = c > 0` takes that shortcut away:
+the memory block then holds, in a uniformly random order, the P memory pairs and, for every
+memory key, c distractors that share its prefix (a different last token, as above) and c that
+share its last token (a different prefix, again never a memory key): F = P (1 + 2c) rows. A rule
+that matches only part of the key then finds the memory pair first (or last) only when it happens
+to precede (or follow) its c look-alikes of that kind; only whole-key matching is always right.
+
+Lag: for memory pair i at row r_i of the memory block (r_i = i in the paper's layout), queried in
+query slot j, the lag is the distance between the key's two occurrences, lag = w * (F - r_i + D + j)
+tokens. Each example draws the query order, then D uniformly among the values that put every one
+of its Q lags inside the split's lag range (train / validation: `lag_range`, test:
+`test_lag_range`, by default up to 4x the largest training lag). The per-query lag is returned in
+the `lag` field and the metric reports accuracy per lag bucket.
 
 Token ids: 0 = <pad>, keys 1 .. K, values K + 1 .. K + V.
 """
@@ -31,7 +40,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from zoo.tasks.base import IGNORE_INDEX, Task, check_positive_int, check_split, example_generator
+from zoo.tasks.base import IGNORE_INDEX, Task, check_positive_int
 from zoo.tasks.metrics import LagBucketAccuracy
 
 
@@ -45,6 +54,9 @@ class DiffuseMQAR(Task):
         test_lag_range: (lo, hi) lags for test; default (lag_range[0], 4 * lag_range[1]).
         lag_buckets: increasing bucket edges for the per-lag metric; default
             (lo, hi, 2 hi, 3 hi, ..., test hi) with (lo, hi) = lag_range.
+        front_distractors: c look-alikes of each kind (same prefix, same last token) per memory key
+            mixed into the memory block (0: the paper's layout, every distractor after the memory;
+            c > 0 needs key_len >= 2).
         num_train, num_validation, num_test: examples per split.   seed: seed of the examples.
     """
 
@@ -60,6 +72,7 @@ class DiffuseMQAR(Task):
         lag_range: Sequence[int] = (64, 256),
         test_lag_range: Sequence[int] | None = None,
         lag_buckets: Sequence[int] | None = None,
+        front_distractors: int = 0,
         num_train: int = 100_000,
         num_validation: int = 3_000,
         num_test: int = 3_000,
@@ -79,6 +92,11 @@ class DiffuseMQAR(Task):
         if self.K**self.L >= 2**62:
             raise ValueError(f"key_vocab_size ** key_len = {self.K}**{self.L} is too large")
         self.w = self.L + 1
+        self.front = check_positive_int("front_distractors", front_distractors, minimum=0)
+        if self.front and self.L < 2:
+            raise ValueError(f"front_distractors={front_distractors} needs key_len >= 2 (look-alikes share part of a key); "
+                             f"got key_len={key_len}")
+        self.F = self.P * (1 + 2 * self.front)  # rows of the memory block
         lag_range = self._check_range("lag_range", lag_range)
         if test_lag_range is None:
             test_lag_range = (lag_range[0], 4 * lag_range[1])
@@ -91,69 +109,75 @@ class DiffuseMQAR(Task):
         self.lag_buckets = [int(e) for e in lag_buckets]
         if len(self.lag_buckets) < 2 or any(a >= b for a, b in zip(self.lag_buckets, self.lag_buckets[1:])):
             raise ValueError(f"lag_buckets must be at least two strictly increasing lags; got {list(lag_buckets)}")
-        self.sizes = {
-            "train": check_positive_int("num_train", num_train),
-            "validation": check_positive_int("num_validation", num_validation),
-            "test": check_positive_int("num_test", num_test),
-        }
-        self.seed = check_positive_int("seed", seed, minimum=0)
+        self.set_splits(num_train, num_validation, num_test, seed)
         self.kind = "sequence"
         self.vocab_size = 1 + self.K + self.V
         self.pad_id = 0
-        # longest example: D = floor(hi / w) - Q when the queries ask the last Q pairs in order
-        self.seq_len = self.w * (self.P + max(hi // self.w for _, hi in self.lag_ranges.values()))
+        # longest example: D = floor(hi / w) - Q when the queries ask the last Q rows of the memory in order
+        self.seq_len = self.w * (self.F + max(hi // self.w for _, hi in self.lag_ranges.values()))
 
     def _check_range(self, name: str, lags: Sequence[int]) -> tuple[int, int]:
         lo, hi = (int(x) for x in lags)
         if not 1 <= lo <= hi:
             raise ValueError(f"{name} must be (lo, hi) with 1 <= lo <= hi; got {tuple(lags)}")
-        # lag = w * (P + D + j - i) with D >= 0 and j - i anywhere in [-(P - 1), Q - 1]
+        # lag = w * (F + D + j - r) with D >= 0 and j - r anywhere in [-(F - 1), Q - 1]
         c_lo, c_hi = math.ceil(lo / self.w), hi // self.w
-        if c_hi - c_lo < self.P + self.Q - 2 or c_hi < self.P + self.Q - 1:
+        spread = self.F + self.Q - 2
+        if c_hi - c_lo < spread or c_hi < spread + 1:
             raise ValueError(
-                f"{name}={tuple(lags)} is too narrow for num_pairs={self.P}, num_queries={self.Q}, key_len={self.L}: "
-                f"lags are multiples of w={self.w} and one example spans up to {(self.P + self.Q - 2) * self.w} of lag, "
-                f"so it needs hi // {self.w} - ceil(lo / {self.w}) >= {self.P + self.Q - 2} and hi >= {(self.P + self.Q - 1) * self.w}"
+                f"{name}={tuple(lags)} is too narrow for num_pairs={self.P}, num_queries={self.Q}, key_len={self.L}, "
+                f"front_distractors={self.front}: lags are multiples of w={self.w} and one example spans up to "
+                f"{spread * self.w} of lag, so it needs hi // {self.w} - ceil(lo / {self.w}) >= {spread} and "
+                f"hi >= {(spread + 1) * self.w}"
             )
         return lo, hi
 
-    def num_examples(self, split: str) -> int:
-        return self.sizes[check_split(split)]
-
     def example(self, split: str, index: int) -> dict[str, Tensor]:
-        rng = example_generator(self.seed, split, index)
+        rng = self.generator(split, index)
         P, Q, L, K, w = self.P, self.Q, self.L, self.K, self.w
         codes = rng.choice(K**L, size=P, replace=False)  # distinct keys as base-K numbers
         keys = (codes[:, None] // K ** np.arange(L - 1, -1, -1)) % K  # (P, L) digits, first token first
         values = rng.choice(self.V, size=P, replace=False)
+        memory = np.concatenate([1 + keys, 1 + K + values[:, None]], axis=1)  # (P, w) token rows
         asked = rng.choice(P, size=Q, replace=False)  # memory pair asked in query slot j
-        d = np.arange(Q) - asked
+        row = np.arange(P)  # row of each memory pair in the memory block
+        if self.front:
+            source = np.repeat(np.arange(P), self.front)
+            decoys = np.concatenate([self._distractors(rng, codes, source), self._distractors(rng, codes, source, same="last")])
+            order = rng.permutation(self.F)  # block row -> pair (< P) or decoy
+            memory = np.concatenate([memory, decoys])[order]
+            row = np.argsort(order)[:P]
+        d = np.arange(Q) - row[asked]
         lo, hi = self.lag_ranges[split]
-        D = int(rng.integers(max(0, math.ceil(lo / w) - P - d.min()), hi // w - P - d.max() + 1))
-        # distractors: a memory key's prefix and a last token that makes no memory key
-        source = rng.integers(P, size=D)
-        prefix = codes[source] // K
-        last = rng.integers(K, size=D)
-        clash = np.isin(prefix * K + last, codes)
-        while clash.any():  # rejection = uniform over the allowed last tokens
-            last[clash] = rng.integers(K, size=int(clash.sum()))
-            clash = np.isin(prefix * K + last, codes)
-        distractor_keys = np.concatenate([keys[source, : L - 1], last[:, None]], axis=1)
-        key_ids, value_ids = 1 + keys, 1 + K + values
-        rows = np.concatenate(
-            [
-                np.concatenate([key_ids, value_ids[:, None]], axis=1),
-                np.concatenate([1 + distractor_keys, 1 + K + rng.integers(self.V, size=(D, 1))], axis=1),
-                np.concatenate([key_ids[asked], value_ids[asked, None]], axis=1),
-            ]
-        )  # (P + D + Q, w)
-        tokens = torch.from_numpy(rows.reshape(-1)).long()
-        scored = w * (P + D + np.arange(Q)) + L - 1  # last key token of each query
+        D = int(rng.integers(max(0, math.ceil(lo / w) - self.F - d.min()), hi // w - self.F - d.max() + 1))
+        noise = self._distractors(rng, codes, rng.integers(P, size=D))
+        queries = np.concatenate([1 + keys[asked], 1 + K + values[asked, None]], axis=1)
+        tokens = torch.from_numpy(np.concatenate([memory, noise, queries]).reshape(-1)).long()  # (F + D + Q) w
+        scored = w * (self.F + D + np.arange(Q)) + L - 1  # last key token of each query
         targets = torch.full_like(tokens, IGNORE_INDEX)
-        targets[scored] = torch.from_numpy(value_ids[asked]).long()
+        targets[scored] = torch.from_numpy(queries[:, -1]).long()
         lag = torch.full_like(tokens, -1)
-        lag[scored] = torch.from_numpy(w * (P + D + d)).long()
+        lag[scored] = torch.from_numpy(w * (self.F + D + d)).long()
         return {"tokens": tokens, "targets": targets, "lag": lag}
+
+    def _distractors(self, rng: np.random.Generator, codes: np.ndarray, source: np.ndarray, same: str = "prefix") -> np.ndarray:
+        """Token rows (len(source), w) that look like memory key `source[n]` but are no memory key,
+        with a random value. same="prefix": its first L - 1 tokens and a new last token;
+        same="last": its last token and new first L - 1 tokens (uniform over the allowed ones)."""
+        K, L, n = self.K, self.L, len(source)
+        kept = codes[source] // K if same == "prefix" else codes[source] % K
+        size = K if same == "prefix" else K ** (L - 1)
+
+        def join(new: np.ndarray) -> np.ndarray:
+            return kept * K + new if same == "prefix" else new * K + kept
+
+        new = rng.integers(size, size=n)
+        clash = np.isin(join(new), codes)
+        while clash.any():  # rejection = uniform over the allowed tokens
+            new[clash] = rng.integers(size, size=int(clash.sum()))
+            clash = np.isin(join(new), codes)
+        digits = (join(new)[:, None] // K ** np.arange(L - 1, -1, -1)) % K  # (n, L), first token first
+        return np.concatenate([1 + digits, 1 + K + rng.integers(self.V, size=(n, 1))], axis=1)
 
     def metric_dict(self, split: str) -> dict[str, Metric]:
         """Token accuracy, and accuracy per lag bucket over the buckets this split's lags reach."""

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from zoo.tasks.base import IGNORE_INDEX, Task, check_positive_int, check_split, example_generator
+from zoo.tasks.base import IGNORE_INDEX, Task, check_positive_int
 
 
 class MQAR(Task):
@@ -57,23 +57,15 @@ class MQAR(Task):
         if not power_a > 0:
             raise ValueError(f"power_a must be > 0; got {power_a}")
         self.random_non_queries = bool(random_non_queries)
-        self.sizes = {
-            "train": check_positive_int("num_train", num_train),
-            "validation": check_positive_int("num_validation", num_validation),
-            "test": check_positive_int("num_test", num_test),
-        }
-        self.seed = check_positive_int("seed", seed, minimum=0)
+        self.set_splits(num_train, num_validation, num_test, seed)
         self.kind = "sequence"
         self.pad_id = 0
         self.num_slots = (seq_len - 2 * num_pairs) // 2
         p = power_a * np.arange(1, self.num_slots + 1) ** (power_a - 1)
         self.slot_probs = p / p.sum()
 
-    def num_examples(self, split: str) -> int:
-        return self.sizes[check_split(split)]
-
     def example(self, split: str, index: int) -> dict[str, Tensor]:
-        rng = example_generator(self.seed, split, index)
+        rng = self.generator(split, index)
         P, T, half = self.P, self.seq_len, self.vocab_size // 2
         keys = 1 + rng.choice(half - 1, size=P, replace=False)
         values = half + rng.choice(self.vocab_size - half, size=P, replace=False)

@@ -21,7 +21,7 @@ from itertools import accumulate
 import torch
 from torch import Tensor
 
-from zoo.tasks.base import IGNORE_INDEX, Task, check_positive_int, check_split, example_random, seed_sequence
+from zoo.tasks.base import IGNORE_INDEX, Task, check_positive_int, example_random, seed_sequence
 
 LETTERS = "abcdefghijklmnop"
 NUM_LETTERS = len(LETTERS)
@@ -175,12 +175,7 @@ class SymbolSoup(Task):
                 "widen the range"
             )
         self.min_tokens, self.max_tokens = min_tokens, max_tokens
-        self.sizes = {
-            "train": check_positive_int("num_train", num_train),
-            "validation": check_positive_int("num_validation", num_validation),
-            "test": check_positive_int("num_test", num_test),
-        }
-        self.seed = check_positive_int("seed", seed, minimum=0)
+        self.set_splits(num_train, num_validation, num_test, seed)
         self.tokenizer = SymbolSoupTokenizer()
         self.left_styles = style_family(left_seed, NUM_LEFT)
         self.right_styles = style_family(right_seed, NUM_RIGHT)
@@ -190,9 +185,6 @@ class SymbolSoup(Task):
         self.seq_len = 2 * self.m_max + EXTRA_TOKENS
         self.pad_id = self.tokenizer.ids["<pad>"]
         self._labels: dict[str, list[int]] = {}
-
-    def num_examples(self, split: str) -> int:
-        return self.sizes[check_split(split)]
 
     def labels(self, split: str) -> list[int]:
         """Class of every example of a split: each class n // 20 or n // 20 + 1 times, in a

@@ -60,7 +60,10 @@ def load_run(run_dir: str | Path, gin_params: Sequence[str] = (), checkpoint_pat
              device: str | torch.device = "cpu") -> tuple[nn.Module, Task, TrainConfig]:
     """Rebuild a finished (or checkpointed) run from its config.gin (plus `gin_params` overrides,
     e.g. a longer SymbolSoup) and load its latest checkpoint (or `checkpoint_path`).
-    Returns (model in eval mode, task, train config)."""
+    Returns (model in eval mode, task, train config).
+
+    config.gin is a gin file, and gin files can `import` Python modules (running their code): load
+    only run folders you trust. The checkpoint files themselves are loaded without running code."""
     run_dir = Path(run_dir)
     config_file = run_dir / CONFIG
     if not config_file.is_file():

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from zoo.tasks.base import Task
 from zoo.tasks.metrics import IGNORE_INDEX
+from zoo.tasks.reference import METRIC, References
 from zoo.train import distributed
 
 PRECISIONS = ("fp32", "bf16")
@@ -109,13 +110,24 @@ def evaluate(model: nn.Module, task: Task, split: str, *, batch_size: int, max_e
     return out
 
 
-def metrics_table(results: dict[str, dict[str, float]]) -> str:
-    """A markdown table: one row per split, one column per metric (union, in first-seen order)."""
+def metrics_table(results: dict[str, dict[str, float]], references: References | None = None) -> str:
+    """A markdown table: one row per split, one column per metric (union, in first-seen order).
+    With `references` (zoo.tasks.reference) three more rows, chance, the best shortcut and the
+    ceiling, and a column with each accuracy as a fraction of the ceiling."""
     columns: list[str] = []
     for metrics in results.values():
         columns += [k for k in metrics if k not in columns]
-    lines = ["| split | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    fraction = f"{METRIC} / ceiling"
+    head = ["split", *columns] + ([fraction] if references else [])
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for split, metrics in results.items():
         cells = [f"{metrics[c]:.4f}" if c in metrics else "" for c in columns]
+        if references:
+            cells.append(f"{references.fraction(metrics[METRIC]):.3f}" if METRIC in metrics else "")
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
+    if references:
+        values = references.row_values()
+        for label, cells in references.rows().items():
+            row = [cells.get(c, "") for c in columns] + [f"{references.fraction(values[label]):.3f}"]
+            lines.append(f"| {label} | " + " | ".join(row) + " |")
     return "\n".join(lines)

@@ -1,8 +1,9 @@
 """Sweeps: variants (lists of gin files) x seeds, trained one after another, then one markdown
-table (mean ± std over seeds of every final metric, parameters, tokens/s) and one comparison plot.
+table (mean ± std over seeds of every final metric, parameters, tokens/s; with the task's chance,
+best shortcut and ceiling, and each accuracy as a fraction of the ceiling) and one comparison plot.
 
-    spec = SweepSpec(variants={"sessa": ["experiments/paper_comparison/symbol_soup_sessa.gin"], ...},
-                     seeds=[0, 1, 2])
+    spec = SweepSpec(variants={"sessa": ["experiments/paper_comparison/sessa.gin"], ...},
+                     gin_files=["experiments/paper_comparison/symbol_soup.gin"], seeds=[0, 1])
     tools/sweep.py drives it (run folders: <out>/<variant>/seed<k>/); this module holds the
     plain parts: the spec, collecting finished runs, the table and the plot.
 """
@@ -14,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from zoo.tasks.reference import METRIC, References
 from zoo.train.run_dir import read_final, read_metrics
 from zoo.plots import pyplot, save_figure
 
@@ -81,8 +83,11 @@ def _fmt(name: str, m: float, s: float, n: int) -> str:
     return f"{m:.4f}" + (f" ± {s:.4f}" if n > 1 else "")
 
 
-def table(results: list[dict]) -> str:
-    """Markdown table: one row per variant, mean ± std over its seeds of every final metric."""
+def table(results: list[dict], references: dict[str, References] | None = None, split: str = "test") -> str:
+    """Markdown table: one row per variant, mean ± std over its seeds of every final metric. With
+    `references` (variant -> References of its task, on the `split` examples its runs were scored
+    on): a column "<split> accuracy / ceiling" and rows for chance, the best shortcut and the
+    ceiling of each distinct task (labelled with its variants when the variants' tasks differ)."""
     if not results:
         return "(no finished runs)"
     by_variant: dict[str, list[dict[str, float]]] = {}
@@ -92,14 +97,29 @@ def table(results: list[dict]) -> str:
     for rows in by_variant.values():
         for row in rows:
             columns += [k for k in row if k not in columns]
-    lines = ["| variant | seeds | " + " | ".join(c.replace("_", " ") for c in columns) + " |",
-             "|---" * (len(columns) + 2) + "|"]
+    compared = f"{split} {METRIC}"
+    refs = {v: references[v] for v in by_variant if references and references.get(v) and compared in columns}
+    head = ["variant", "seeds", *(c.replace("_", " ") for c in columns)] + ([f"{compared} / ceiling"] if refs else [])
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for variant, rows in by_variant.items():
         cells = []
         for c in columns:
             values = [row[c] for row in rows if c in row and not math.isnan(row[c])]
             cells.append(_fmt(c, *mean_std(values), len(values)) if values else "")
+        if refs:
+            values = [row[compared] for row in rows if compared in row]
+            cells.append(f"{refs[variant].fraction(mean_std(values)[0]):.3f}" if variant in refs and values else "")
         lines.append(f"| {variant} | {len(rows)} | " + " | ".join(cells) + " |")
+    groups: dict[int, list[str]] = {}  # variants sharing one References object share its rows
+    for variant, r in refs.items():
+        groups.setdefault(id(r), []).append(variant)
+    for variants in groups.values():
+        r = refs[variants[0]]
+        label = "" if len(groups) == 1 else f" [{', '.join(variants)}]"
+        values = r.row_values()
+        for name, cells in r.rows().items():
+            row = [cells.get(c.removeprefix(f"{split} "), "") if c.startswith(f"{split} ") else "" for c in columns]
+            lines.append(f"| {name}{label} | | " + " | ".join(row) + f" | {r.fraction(values[name]):.3f} |")
     return "\n".join(lines)
 
 
@@ -154,12 +174,19 @@ def plot(results: list[dict], path: str | Path, metric: str | None = None, title
     return save_figure(fig, path)
 
 
-def write_summary(out: str | Path, spec: SweepSpec, title: str = "") -> tuple[str, Path]:
-    """Collect the finished runs, write sweep.md, results.json and comparison.png under `out`."""
+def write_summary(out: str | Path, spec: SweepSpec, title: str = "", references: dict[str, References] | None = None,
+                  split: str = "test") -> tuple[str, Path]:
+    """Collect the finished runs, write sweep.md, results.json, references.json (when given) and
+    comparison.png under `out`."""
     out = Path(out)
     results = collect(out, spec)
-    md = table(results)
-    (out / "sweep.md").write_text((f"# {title}\n\n" if title else "") + md + "\n")
+    md = table(results, references, split)
+    captions = list(dict.fromkeys(r.caption() for r in (references or {}).values() if r))
+    (out / "sweep.md").write_text((f"# {title}\n\n" if title else "") + md + "\n" +
+                                  "".join(f"\n{c}\n" for c in captions))
     (out / "results.json").write_text(json.dumps([{k: r[k] for k in ("variant", "seed", "final")} for r in results],
                                                  indent=2) + "\n")
-    return md, plot(results, out / "comparison.png", spec.metric, title)
+    if references:
+        (out / "references.json").write_text(json.dumps({v: r.to_dict() if r else None for v, r in references.items()},
+                                                        indent=2) + "\n")
+    return md + "".join(f"\n{c}" for c in captions), plot(results, out / "comparison.png", spec.metric, title)
