@@ -70,4 +70,3 @@ def validate(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, initial_
 
 
 ssd = Op("ssd", __doc__, check=validate)
-
