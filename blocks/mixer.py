@@ -15,6 +15,7 @@ row's last segment. `state.reorder(index)` reorders the batch (beam search).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -90,15 +91,29 @@ class DecodeState:
         return total // self.batch_size
 
 
+# What every registered mixer is tested for (tests/registry_mixers.py drives the tests from the registry).
+INVARIANTS = {
+    "causal": "an output never depends on later inputs",
+    "gradients": "gradients reach every parameter, in either block",
+    "decode": "decoding with a state (token by token, prefill + steps, chunked prefill, left padding) "
+              "equals the full forward pass",
+    "packing": "packed sequences (seq_idx) equal each sequence run alone, forward and gradients",
+    "backends": "a stack's output and gradients do not depend on the backends its ops run on",
+}
+
+
 class Mixer(nn.Module):
     """Base class: a causal token mixer (B, T, D) -> (B, T, D) that owns its decoding state.
 
     Subclasses set `self.dim`, implement `forward(x, *, seq_idx=None, state=None)`,
     `allocate_state(batch_size, max_len, device=None, dtype=None)`, and list the ops they call in
-    `ops` (op name -> backend pinned for this layer, "auto" by default).
+    `ops` (op name -> backend pinned for this layer, "auto" by default). A mixer that cannot meet
+    one of the INVARIANTS declares it in `invariant_exemptions` ({invariant: reason}); the tests
+    then skip that invariant for it and report the reason.
     """
 
     ops: dict[str, str]
+    invariant_exemptions: ClassVar[dict[str, str]] = {}
 
     def allocate_state(self, batch_size: int, max_len: int, device: torch.device | str | None = None,
                        dtype: torch.dtype | None = None) -> DecodeState:
@@ -125,6 +140,13 @@ def check_backends(mixer: str, backends: dict[str, str] | None, uses: tuple[str,
         except BackendError as e:
             raise ValueError(f"{mixer}: backends[{op!r}]: {e}") from None
     return {op: backends.get(op, AUTO) for op in uses}
+
+
+def check_positive_ints(mixer: str, **values: object) -> None:
+    """Raise ValueError naming the first argument that is not a positive int (bools rejected)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{mixer}: {name} must be a positive int; got {name}={value!r}")
 
 
 def head_dims(dim: int, num_heads: int, num_kv_heads: int | None, rope: bool) -> tuple[int, int]:

@@ -49,7 +49,8 @@ class GatedRMSNorm(nn.Module):
     """Mamba-2's output norm: y = RMSNorm(x * silu(z)), normalised over groups of `group_size`
     channels (None = all `dim` channels; Mamba-2 uses dim // num_groups). With
     `norm_before_gate=True` the gate comes after the norm: y = RMSNorm(x) * silu(z) (mamba_ssm's
-    option of that name; the weight multiplies before the gate).
+    option of that name, and FLA's FusedRMSNormGated used by GLA, RetNet and Gated DeltaNet; the
+    weight multiplies before the gate).
 
     x, z: (..., dim) -> (..., dim) in x's dtype.
     """

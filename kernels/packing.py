@@ -104,6 +104,14 @@ def same_segment(q_seq: Tensor, k_seq: Tensor) -> Tensor:
     return q_seq[:, :, None] == k_seq[:, None, :]
 
 
+def segment_starts(seq_idx: Tensor | None, B: int, T: int, device: torch.device) -> Tensor:
+    """Bool (B, T): step t starts a new segment (never step 0: a scan's initial state belongs to it)."""
+    starts = torch.zeros(B, T, dtype=torch.bool, device=device)
+    if seq_idx is not None:
+        starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    return starts
+
+
 def segment_blocks(seq_idx: Tensor, Tq: int) -> tuple[list[int], list[int], list[int]]:
     """Segments as the blocks of a variable-length ("varlen") attention kernel, on the host.
 

@@ -162,4 +162,83 @@ SSD_CASES = [
     ssd_case(1, 200, 2, 128, 1, 128, chunk_size=64, strided=True, tags={"gpu", "large", "strided"}),
 ]
 
-CASES = {"attention": ATTENTION_CASES, "feedback_solve": FEEDBACK_CASES, "ssd": SSD_CASES}
+
+# ---------------------------------------------------------------- linear_attention and delta_rule
+def _log_decay(*shape, dtype, device):
+    """log decays in about (-6, 0): strong and weak forgetting in one tensor."""
+    return torch.nn.functional.logsigmoid(torch.randn(*shape, dtype=torch.float64) * 2 + 2).to(dtype=dtype, device=device)
+
+
+def _state_op_kwargs(B, T, H, dk, dv, init, packed, chunk_size, scale, dtype, device):
+    kw = dict(chunk_size=chunk_size)
+    if scale is not None:
+        kw["scale"] = scale
+    if init:
+        kw["initial_state"] = _r(B, H, dk, dv, dtype=dtype, device=device)
+    if packed is not None:
+        kw["seq_idx"] = _packed(packed, device).expand(B, T).contiguous()
+    return kw
+
+
+def _state_op_name(B, T, H, dk, dv, g, init, packed, chunk_size, scale):
+    return (f"B{B}-T{T}-H{H}-dk{dk}-dv{dv}-g{g}-c{chunk_size}" + ("-init" if init else "")
+            + ("-packed" if packed else "") + (f"-scale{scale}" if scale is not None else ""))
+
+
+def linear_attention_case(B, T, H, dk, dv, g="key", init=False, packed=None, chunk_size=16, scale=None, tags=()):
+    """g: "key" (B, T, H, dk) per key channel, "head" (B, T, H), or None."""
+    def make(dtype, device):
+        torch.manual_seed(seed_of(name))
+        gate = {"key": lambda: _log_decay(B, T, H, dk, dtype=dtype, device=device),
+                "head": lambda: _log_decay(B, T, H, dtype=dtype, device=device), None: lambda: None}[g]()
+        args = (_r(B, T, H, dk, dtype=dtype, device=device), _r(B, T, H, dk, dtype=dtype, device=device),
+                _r(B, T, H, dv, dtype=dtype, device=device), gate)
+        return args, _state_op_kwargs(B, T, H, dk, dv, init, packed, chunk_size, scale, dtype, device)
+    name = _state_op_name(B, T, H, dk, dv, g, init, packed, chunk_size, scale)
+    return Case(name, make, set(tags))
+
+
+LINEAR_ATTENTION_CASES = [
+    linear_attention_case(2, 1, 2, 4, 4, tags={"tiny"}),  # one decoding step
+    linear_attention_case(2, 1, 1, 4, 3, g="head", init=True, tags={"tiny"}),  # one decoding step from a state
+    linear_attention_case(1, 7, 2, 3, 2, chunk_size=3, tags={"tiny"}),
+    linear_attention_case(1, 6, 2, 3, 2, g=None, init=True, chunk_size=4, tags={"tiny"}),
+    linear_attention_case(1, 8, 1, 3, 2, g="head", init=True, packed=[2, 1, 5], chunk_size=3, tags={"tiny", "packed"}),
+    linear_attention_case(1, 16, 2, 8, 8, g="head", chunk_size=16),  # exactly one chunk
+    linear_attention_case(2, 37, 3, 16, 8, chunk_size=32),  # key-channel decays: chunks capped at 16
+    linear_attention_case(2, 33, 2, 8, 16, g=None, chunk_size=8, scale=0.3),
+    linear_attention_case(1, 23, 2, 8, 8, init=True, packed=[5, 1, 17], chunk_size=8, tags={"packed"}),
+    linear_attention_case(1, 40, 2, 8, 4, g=None, packed=[8, 1, 31], chunk_size=8, tags={"packed"}),  # starts on a boundary
+    linear_attention_case(2, 70, 2, 8, 8, g="head", init=True, chunk_size=64),  # the default chunk, T > C
+]
+
+
+def delta_rule_case(B, T, H, dk, dv, g="head", init=False, packed=None, chunk_size=16, scale=None, tags=()):
+    """g: "head" (B, T, H) or None; keys L2-normalised (what the op assumes), beta in (0, 1)."""
+    def make(dtype, device):
+        torch.manual_seed(seed_of(name))
+        k = torch.nn.functional.normalize(torch.randn(B, T, H, dk, dtype=torch.float64), dim=-1).to(dtype=dtype, device=device)
+        beta = torch.sigmoid(torch.randn(B, T, H, dtype=torch.float64)).to(dtype=dtype, device=device)
+        gate = _log_decay(B, T, H, dtype=dtype, device=device) if g == "head" else None
+        args = (_r(B, T, H, dk, dtype=dtype, device=device), k, _r(B, T, H, dv, dtype=dtype, device=device), beta, gate)
+        return args, _state_op_kwargs(B, T, H, dk, dv, init, packed, chunk_size, scale, dtype, device)
+    name = _state_op_name(B, T, H, dk, dv, g, init, packed, chunk_size, scale)
+    return Case(name, make, set(tags))
+
+
+DELTA_RULE_CASES = [
+    delta_rule_case(2, 1, 2, 4, 4, tags={"tiny"}),  # one decoding step
+    delta_rule_case(2, 1, 1, 4, 3, g=None, init=True, tags={"tiny"}),  # one decoding step from a state
+    delta_rule_case(1, 7, 2, 3, 2, chunk_size=3, tags={"tiny"}),
+    delta_rule_case(1, 6, 2, 3, 2, g=None, init=True, chunk_size=4, tags={"tiny"}),
+    delta_rule_case(1, 8, 1, 3, 2, init=True, packed=[2, 1, 5], chunk_size=3, tags={"tiny", "packed"}),
+    delta_rule_case(1, 16, 2, 8, 8, chunk_size=16),  # exactly one chunk
+    delta_rule_case(2, 37, 3, 16, 8, chunk_size=16),
+    delta_rule_case(2, 33, 2, 8, 16, g=None, chunk_size=8, scale=0.3),
+    delta_rule_case(1, 23, 2, 8, 8, init=True, packed=[5, 1, 17], chunk_size=8, tags={"packed"}),
+    delta_rule_case(1, 40, 2, 8, 4, g=None, packed=[8, 1, 31], chunk_size=8, tags={"packed"}),  # starts on a boundary
+    delta_rule_case(2, 70, 2, 16, 8, init=True, chunk_size=64),  # the default chunk, T > C
+]
+
+CASES = {"attention": ATTENTION_CASES, "feedback_solve": FEEDBACK_CASES, "ssd": SSD_CASES,
+         "linear_attention": LINEAR_ATTENTION_CASES, "delta_rule": DELTA_RULE_CASES}

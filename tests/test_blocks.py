@@ -1,41 +1,50 @@
-"""Every library mixer in every block type: causality, shape and dtype, gradients to every parameter,
-float32 outputs and gradients against float64 with the same weights;
-and a hybrid stack whose output does not depend on the backends dispatch picks."""
+"""Every registered mixer (tests/registry_mixers.py) in every block type: causality, shape and dtype,
+gradients to every parameter, float32 outputs and gradients against float64 with the same weights;
+a stack of each whose output and gradients do not depend on the backends its ops run on (every
+combination that runs here); a hybrid stack under automatic dispatch."""
 
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
 
 import kernels
-from zoo.registry import REGISTRY, underlying_class
+from blocks.gated_block import GatedBlock
+from blocks.mixer import INVARIANTS
+from tests.registry_mixers import factory, names, skip_if_exempt
+from zoo.registry import REGISTRY
 from zoo.stack import Stack
 
 DIM = 32
-# library mixers only (a test module may register its own), in registration order
-MIXERS = [n for n, e in REGISTRY.mixers.items() if underlying_class(e.source).__module__.startswith("blocks.")]
+MIXERS = names()
 BLOCKS = list(REGISTRY.blocks)
-OPTIONS = {"sessa": dict(num_heads=2), "sessa_nofb": dict(num_heads=2), "attention": dict(num_heads=2),
-           "mamba2": dict(head_dim=16, state_dim=8, chunk_size=4)}  # chunk 4 < T: several chunks
 
 
 def make_block(block: str, mixer: str, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
-    entry = REGISTRY.mixer(mixer)
-    factory = lambda dim: entry.source(dim, **OPTIONS.get(mixer, {}))  # noqa: E731
-    return REGISTRY.block(block).source(DIM, mixer=factory).to(dtype)
+    return REGISTRY.block(block).source(DIM, mixer=factory(mixer)).to(dtype)
 
 
 def test_library_mixers_and_blocks_are_registered():
-    assert {"sessa", "attention", "mamba2", "sessa_nofb"} <= set(MIXERS)
+    assert {"sessa", "attention", "mamba2", "sessa_nofb", "sliding_window", "gated_deltanet", "deltanet", "gla",
+            "retnet"} <= set(MIXERS)
     assert {"gated", "residual"} <= set(BLOCKS)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_declared_exemptions_name_known_invariants(mixer):
+    declared = getattr(factory(mixer)(DIM), "invariant_exemptions", {})
+    assert set(declared) <= set(INVARIANTS), f"{mixer}: unknown invariants {set(declared) - set(INVARIANTS)}"
+    assert all(isinstance(reason, str) and reason for reason in declared.values()), f"{mixer}: give each a reason"
 
 
 @pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_causal(block, mixer):
     layer = make_block(block, mixer)
+    skip_if_exempt(layer.mixer, mixer, "causal")
     T = 11
     x = torch.randn(2, T, DIM, dtype=torch.float64)
     y = layer(x)
@@ -56,6 +65,7 @@ def test_shape_dtype_and_gradients(block, mixer, dtype):
     the same weights to 2e-6 (output) and 2e-5 (gradients) of their largest magnitude (measured:
     at most 1.7e-7 and 1.3e-6)."""
     exact = make_block(block, mixer)
+    skip_if_exempt(exact.mixer, mixer, "gradients")
     layer = copy.deepcopy(exact).to(dtype)
     x = torch.randn(3, 9, DIM, dtype=torch.float64)
     cotangent = torch.randn(3, 9, DIM, dtype=torch.float64)
@@ -73,15 +83,61 @@ def test_shape_dtype_and_gradients(block, mixer, dtype):
         assert (g.double() - want).abs().max() <= 2e-5 * want.abs().max(), f"{mixer} in {block}: gradient of {name}"
 
 
-def test_hybrid_stack_does_not_depend_on_backends():
-    stack = Stack(DIM, "SAMN", num_layers=8).double()
+def _run(stack: Stack, x: torch.Tensor, seq_idx: torch.Tensor, **pins: str):
+    """Output, gradients (input and parameters) and the (op, backend) pairs dispatch used."""
+    with kernels.use_backends(**pins), kernels.record_choices() as chosen:
+        y = stack(x, seq_idx=seq_idx)
+        grads = torch.autograd.grad(y.square().sum(), [x, *stack.parameters()])
+    return y, grads, set(chosen)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_stack_does_not_depend_on_backends(mixer):
+    """Two layers of `mixer`, T = 37 with a segment starting mid-chunk: every combination of the
+    backends available here for the ops the mixer calls (and automatic dispatch) gives the
+    all-reference output and gradients. Combinations a backend declines (Triton: no float64) are
+    passed over; if no backend but reference can run, the test is skipped and lists why."""
+    torch.manual_seed(0)
+    stack = Stack(DIM, [lambda d: GatedBlock(d, factory(mixer))] * 2).double()
+    skip_if_exempt(stack.layers[0].mixer, mixer, "backends")
+    ops = sorted(stack.layers[0].mixer.ops)
+    if not ops:
+        pytest.skip(f"{mixer} calls no op")
     x = torch.randn(2, 37, DIM, dtype=torch.float64, requires_grad=True)
-    seq_idx = torch.tensor([[0] * 20 + [1] * 17, [0] * 37])
+    seq_idx = torch.tensor([[0] * 19 + [1] * 18, [0] * 37])
+    y_ref, g_ref, _ = _run(stack, x, seq_idx, **{op: "reference" for op in ops})
+
+    available = [[name for name, b in kernels.get_op(op).backends.items() if b.unavailable_reason() is None]
+                 for op in ops]
+    combos = [dict(zip(ops, names)) for names in itertools.product(*available)] + [{}]  # {}: automatic dispatch
+    used, declined = set(), []
+    for pins in combos:
+        if pins and set(pins.values()) == {"reference"}:
+            continue
+        try:
+            y, grads, chosen = _run(stack, x, seq_idx, **pins)
+        except kernels.BackendError as e:
+            declined.append(f"{pins}: {str(e).splitlines()[0]}")
+            continue
+        assert set(pins.items()) <= chosen, f"{mixer}: pinned {pins} but dispatch used {chosen}"
+        used |= chosen
+        torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9, msg=lambda m: f"{mixer} {pins or 'auto'}: {m}")
+        for a, r in zip(grads, g_ref):
+            torch.testing.assert_close(a, r, rtol=1e-8, atol=1e-8,
+                                       msg=lambda m: f"{mixer} {pins or 'auto'} gradient: {m}")
+    if not {backend for _, backend in used} - {"reference"}:
+        pytest.skip(f"{mixer}: no backend but reference runs here for {ops}; declined: {declined}")
+
+
+def test_hybrid_stack_under_automatic_dispatch():
+    stack = Stack(DIM, "SAMNWGDLR").double()
+    x = torch.randn(2, 70, DIM, dtype=torch.float64, requires_grad=True)
+    seq_idx = torch.tensor([[0] * 33 + [1] * 37, [0] * 70])
 
     with kernels.record_choices() as chosen:
         y_auto = stack(x, seq_idx=seq_idx)
     g_auto = torch.autograd.grad(y_auto.square().sum(), [x, *stack.parameters()])
-    with kernels.use_backends(attention="reference", feedback_solve="reference", ssd="reference"):
+    with kernels.use_backends(**{op: "reference" for op in kernels.OPS}):
         y_ref = stack(x, seq_idx=seq_idx)
     g_ref = torch.autograd.grad(y_ref.square().sum(), [x, *stack.parameters()])
 

@@ -1,20 +1,17 @@
-"""StackCache: one decoding cache for any stack. For Sessa, attention (full and sliding window),
-Mamba-2 and a hybrid of all three as float64 CausalLMs on random weights: token-by-token decoding,
-prefill + decoding and chunked prefill equal the full forward pass to 1e-10, with left-padded
-batched prompts too (each row equals its unpadded run); the cache's errors, reorder and sizes."""
+"""StackCache: one decoding cache for any stack. For every registered mixer (tests/registry_mixers.py)
+in a gated and a residual block, and a hybrid of Sessa, attention, Mamba-2 and sliding-window
+attention, as float64 CausalLMs on random weights: token-by-token decoding, prefill + decoding and
+chunked prefill equal the full forward pass to 1e-10, with left-padded batched prompts too (each
+row equals its unpadded run); the cache's errors, reorder and sizes."""
 
 from __future__ import annotations
-
-import functools
 
 import pytest
 import torch
 
-from blocks.attention import Attention
 from blocks.gated_block import GatedBlock
-from blocks.mamba2 import Mamba2
 from blocks.residual_block import ResidualBlock
-from blocks.sessa import Sessa
+from tests.registry_mixers import factory, names, skip_if_exempt
 from zoo.cache import StackCache
 from zoo.models import CausalLM
 from zoo.stack import Stack
@@ -22,19 +19,15 @@ from zoo.stack import Stack
 D, V = 32, 50
 TOL = dict(rtol=1e-10, atol=1e-10)
 
-SESSA = functools.partial(Sessa, num_heads=2, num_kv_heads=1)
-ATTENTION = functools.partial(Attention, num_heads=2, num_kv_heads=1)
-WINDOW = functools.partial(Attention, num_heads=2, window=3)
-MAMBA2 = functools.partial(Mamba2, head_dim=16, state_dim=8, chunk_size=4)
 
-LAYERS = {  # one block factory per layer
-    "sessa": [lambda d: GatedBlock(d, SESSA)] * 2,
-    "attention": [lambda d: GatedBlock(d, ATTENTION)] * 2,
-    "attention_window": [lambda d: GatedBlock(d, WINDOW)] * 2,
-    "mamba2": [lambda d: GatedBlock(d, MAMBA2)] * 2,
-    "hybrid": [lambda d: GatedBlock(d, SESSA), lambda d: GatedBlock(d, ATTENTION), lambda d: GatedBlock(d, MAMBA2),
-               lambda d: ResidualBlock(d, WINDOW)],
-}
+def both_blocks(mixer: str) -> list:
+    """Two layers of `mixer`: one in the paper's gated block, one in a pre-norm residual block."""
+    return [lambda d: GatedBlock(d, factory(mixer)), lambda d: ResidualBlock(d, factory(mixer))]
+
+
+LAYERS = {name: both_blocks(name) for name in names()}  # one block factory per layer
+LAYERS["hybrid"] = [lambda d: GatedBlock(d, factory("sessa")), lambda d: GatedBlock(d, factory("attention")),
+                    lambda d: GatedBlock(d, factory("mamba2")), lambda d: ResidualBlock(d, factory("sliding_window"))]
 MODELS = list(LAYERS)
 
 
@@ -50,9 +43,16 @@ def build_lm(name: str, seed: int = 0) -> CausalLM:
     return model
 
 
+def skip_if_cannot_decode(model: CausalLM, name: str) -> None:
+    for layer in model.stack.layers:
+        skip_if_exempt(layer.mixer, name, "decode")
+
+
 @pytest.fixture(scope="module", params=MODELS)
 def model(request) -> CausalLM:
-    return build_lm(request.param)
+    model = build_lm(request.param)
+    skip_if_cannot_decode(model, request.param)
+    return model
 
 
 def decode(model: CausalLM, tokens: torch.Tensor, sizes: list[int], seq_idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -214,7 +214,7 @@ def test_sizes_per_layer_and_per_token():
     model = build_lm("hybrid")
     short, long = StackCache.allocate(model, 2, 10), StackCache.allocate(model, 2, 30)
     sizes = long.layer_sizes()
-    assert [s.mixer for s in sizes] == ["sessa", "attention", "mamba2", "attention"]
+    assert [s.mixer for s in sizes] == ["sessa", "attention", "mamba2", "sliding_window"]
     assert [s.state for s in sizes] == ["SessaState", "AttentionState", "Mamba2State", "AttentionState"]
     assert [s.nbytes_per_sequence for s in sizes] == [st.nbytes_per_sequence() for st in long.states]
     assert long.nbytes_per_sequence() == sum(s.nbytes_per_sequence for s in sizes)
@@ -226,7 +226,7 @@ def test_sizes_per_layer_and_per_token():
         assert grown == 8 * (s.numbers_per_token or 0) + 8
     table = long.describe()
     assert "constant" in table and "SessaState" in table and f"{long.nbytes_per_sequence():,}" in table
-    assert repr(long) == "StackCache(batch_size=2, max_len=30, length=0, mixers=['sessa', 'attention', 'mamba2', 'attention'])"
+    assert repr(long) == "StackCache(batch_size=2, max_len=30, length=0, mixers=['sessa', 'attention', 'mamba2', 'sliding_window'])"
 
 
 def test_allocate_dtype_and_device():

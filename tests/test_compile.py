@@ -19,7 +19,7 @@ import torch._dynamo
 import kernels
 import kernels.dispatch as dispatch
 from blocks.gated_block import GatedBlock
-from tests.test_blocks import MIXERS, OPTIONS
+from tests.registry_mixers import factory, names
 from zoo.models import CausalLM
 from zoo.registry import REGISTRY
 from zoo.stack import Stack
@@ -28,9 +28,8 @@ DIM, T = 32, 140
 
 
 def _block(name: str) -> torch.nn.Module:
-    entry = REGISTRY.mixer(name)
     torch.manual_seed(0)
-    return GatedBlock(DIM, lambda d: entry.source(d, **OPTIONS.get(name, {})))
+    return GatedBlock(DIM, factory(name))
 
 
 def _compiled_matches_eager(model: torch.nn.Module, x: torch.Tensor, backend: str = "eager") -> None:
@@ -47,7 +46,7 @@ def _compiled_matches_eager(model: torch.nn.Module, x: torch.Tensor, backend: st
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize("mixer", names())
 def test_mixer_compiles_without_graph_breaks(mixer):
     block = _block(mixer)
     x = torch.randn(2, T, DIM)
@@ -58,7 +57,7 @@ def test_mixer_compiles_without_graph_breaks(mixer):
 
 def _hybrid() -> CausalLM:
     torch.manual_seed(0)
-    return CausalLM(50, DIM, Stack(DIM, "".join(REGISTRY.mixer(m).symbol for m in MIXERS if REGISTRY.mixer(m).symbol)))
+    return CausalLM(50, DIM, Stack(DIM, "".join(REGISTRY.mixer(m).symbol for m in names() if REGISTRY.mixer(m).symbol)))
 
 
 def test_hybrid_language_model_compiles_whole():

@@ -12,7 +12,7 @@ import torch
 
 import kernels
 from tests.conftest import NEEDS_CUDA
-from tests.test_blocks import MIXERS, OPTIONS
+from tests.registry_mixers import factory, names
 from zoo.models import CausalLM
 from zoo.registry import REGISTRY
 from zoo.stack import Stack
@@ -26,11 +26,11 @@ PINS = {"auto": {}, "triton": TRITON}
 
 def _mixer(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return REGISTRY.mixer(name).source(DIM, **OPTIONS.get(name, {})).cuda()
+    return factory(name)(DIM).cuda()
 
 
 @pytest.mark.parametrize("pins", list(PINS))
-@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize("mixer", names())
 def test_decode_equals_forward(mixer, pins):
     model = _mixer(mixer)
     x = torch.randn(2, 70, DIM, device="cuda")
@@ -42,7 +42,7 @@ def test_decode_equals_forward(mixer, pins):
 
 
 @pytest.mark.parametrize("pins", list(PINS))
-@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize("mixer", names())
 def test_packed_equals_separate(mixer, pins):
     model = _mixer(mixer)
     lengths = [37, 1, 90]
@@ -57,7 +57,7 @@ def test_packed_equals_separate(mixer, pins):
 @pytest.mark.parametrize("pins", list(PINS))
 def test_hybrid_trains_under_bf16_autocast(pins):
     torch.manual_seed(0)
-    symbols = "".join(REGISTRY.mixer(m).symbol for m in MIXERS if REGISTRY.mixer(m).symbol)
+    symbols = "".join(REGISTRY.mixer(m).symbol for m in names() if REGISTRY.mixer(m).symbol)
     model = CausalLM(256, DIM, Stack(DIM, symbols)).cuda()
     tokens = torch.randint(256, (4, 300), device="cuda")
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)

@@ -23,6 +23,8 @@ from zoo.summary import summarize
 class CumulativeAverage(Mixer):
     """y_t = scale * mean_{j<=t} W x_j: a causal mixer with no op of its own."""
 
+    invariant_exemptions = {"decode": "no decoding state", "packing": "ignores seq_idx"}
+
     def __init__(self, dim: int, scale: float = 1.0, backends: dict[str, str] | None = None):
         super().__init__()
         self.dim, self.scale, self.ops = dim, scale, {}
@@ -55,7 +57,7 @@ def test_unknown_names_list_valid_ones():
 
 def test_invalid_pattern_names_symbol_index_and_valid_symbols():
     with pytest.raises(ValueError, match=r"layout 'SAXA': unknown mixer symbol 'X' at index 2; "
-                                         r"valid symbols: A=attention, .*M=mamba2, N=sessa_nofb, S=sessa"):
+                                         r"valid symbols: A=attention, .*M=mamba2, N=sessa_nofb, .*S=sessa, W=sliding_window"):
         Stack(16, "SAXA")
     with pytest.raises(ValueError, match="non-empty string"):
         Stack(16, "")

@@ -31,12 +31,13 @@ def _origin(factory) -> str:
 
 
 def registry_text() -> str:
+    width = max(len(name) for name in [*REGISTRY.mixers, *REGISTRY.blocks])
     lines = ["Mixers (symbol for layout patterns):"]
     for entry in REGISTRY.mixers.values():
-        lines.append(f"  {entry.symbol or '-'}  {entry.name:<12} {_origin(entry.source)}")
+        lines.append(f"  {entry.symbol or '-'}  {entry.name:<{width}} {_origin(entry.source)}")
     lines.append("Blocks:")
     for entry in REGISTRY.blocks.values():
-        lines.append(f"     {entry.name:<12} {_origin(entry.source)}")
+        lines.append(f"     {entry.name:<{width}} {_origin(entry.source)}")
     return "\n".join(lines)
 
 

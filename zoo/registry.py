@@ -168,14 +168,23 @@ def _register_library() -> None:
     """The zoo's own mixers and blocks (blocks/ stays free of zoo imports)."""
     from blocks.attention import Attention
     from blocks.gated_block import GatedBlock
+    from blocks.gated_deltanet import DeltaNet, GatedDeltaNet
+    from blocks.gla import GatedLinearAttention
     from blocks.mamba2 import Mamba2
     from blocks.residual_block import ResidualBlock
+    from blocks.retnet import MultiScaleRetention
     from blocks.sessa import Sessa
+    from blocks.sliding_window import SlidingWindowAttention
 
     REGISTRY.add_mixer("sessa", Sessa, "S")
     REGISTRY.add_mixer("attention", Attention, "A")
     REGISTRY.add_mixer("mamba2", Mamba2, "M")
     REGISTRY.add_mixer("sessa_nofb", functools.partial(Sessa, feedback=False), "N")  # the paper's ablation
+    REGISTRY.add_mixer("sliding_window", SlidingWindowAttention, "W")
+    REGISTRY.add_mixer("gated_deltanet", GatedDeltaNet, "G")
+    REGISTRY.add_mixer("deltanet", DeltaNet, "D")
+    REGISTRY.add_mixer("gla", GatedLinearAttention, "L")
+    REGISTRY.add_mixer("retnet", MultiScaleRetention, "R")
     REGISTRY.add_block("gated", GatedBlock)
     REGISTRY.add_block("residual", ResidualBlock)
 

@@ -6,7 +6,8 @@
     Stack(64, [block_factory_0, block_factory_1])   # explicit: factory(dim) -> block, per layer
 
 Pattern symbols come from the registry (zoo.registry: S=sessa, A=attention, M=mamba2,
-N=sessa_nofb, plus user-registered ones). With a pattern, layer i is built inside the config scope
+N=sessa_nofb, W=sliding_window, G=gated_deltanet, D=deltanet, L=gla, R=retnet, plus user-registered
+ones). With a pattern, layer i is built inside the config scope
 `layer{i}`, so gin bindings such as `layer2/Attention.window = 64` change that layer only
 (zoo.gin_config installs the scope; without gin the scope does nothing).
 """

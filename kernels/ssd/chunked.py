@@ -19,23 +19,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import Tensor
 
+from kernels.decays import segsum
 from kernels.ssd.contract import check_inputs, segment_starts, ssd
-
-
-def segsum(a: Tensor) -> Tensor:
-    """a (..., L) -> (..., L, L) with [i, j] = a_{j+1} + ... + a_i for j <= i and -inf above the diagonal.
-
-    Stable form of the Mamba-2 minimal reference: masked cumsum, no subtraction (entries may be -inf).
-    """
-    L = a.shape[-1]
-    a = repeat(a, "... i -> ... i j", j=L)
-    strictly_lower = torch.ones(L, L, dtype=torch.bool, device=a.device).tril(-1)
-    a = a.masked_fill(~strictly_lower, 0.0)
-    out = a.cumsum(dim=-2)
-    return out.masked_fill(~strictly_lower.logical_or(torch.eye(L, dtype=torch.bool, device=a.device)), -torch.inf)
 
 
 def _supports(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk_size: int = 64, **kwargs) -> str | None:

@@ -20,12 +20,11 @@ and dt >= 0 (otherwise exp(dt A) > 1 and the state grows without bound), contigu
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from kernels import value_checks
 from kernels.dispatch import Op
-from kernels.packing import check_contiguous, check_seq_idx
+from kernels.packing import check_contiguous, check_seq_idx, segment_starts  # noqa: F401  (segment_starts: re-exported)
 
 
 def check_inputs(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
@@ -71,11 +70,3 @@ def validate(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, initial_
 
 
 ssd = Op("ssd", __doc__, check=validate)
-
-
-def segment_starts(seq_idx: Tensor | None, Bt: int, T: int, device: torch.device) -> Tensor:
-    """Bool (Bt, T): step t starts a new segment (never step 0: the initial state belongs to it)."""
-    starts = torch.zeros(Bt, T, dtype=torch.bool, device=device)
-    if seq_idx is not None:
-        starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
-    return starts

@@ -1,0 +1,104 @@
+"""Op `linear_attention`: gated linear attention with a matrix state per head (GLA, RetNet, linear attention).
+
+Contract
+    linear_attention(q, k, v, g=None, *, scale=None, initial_state=None, seq_idx=None, chunk_size=64,
+                     return_final_state=False)
+    q, k: (B, T, H, dk)   v: (B, T, H, dv)   (q, k and v share one floating dtype)
+    g: log decay <= 0, per key channel (B, T, H, dk), per head (B, T, H) (broadcast over dk), or None (no decay)
+    scale: multiplies the output, default dk ** -0.5
+    initial_state: (B, H, dk, dv) the state before step 0; seq_idx: (B, T) segment ids (kernels.packing)
+    chunk_size: a hint for chunked backends (a positive int)
+    returns o (B, T, H, dv) in q's dtype, and the final state (B, H, dk, dv) in q's dtype if return_final_state.
+
+Recurrence per head (state S: dk x dv):
+    S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T,     o_t = scale * S_t^T q_t
+where S_{t-1} is taken as 0 when step t starts a new segment (seq_idx changes); the initial state
+belongs to the segment of step 0. GLA (arXiv 2312.06635) is a data-dependent g per key channel,
+RetNet (arXiv 2307.08621) a constant g per head, plain linear attention g = None. Half-precision
+inputs are computed in float32. The `reference` backend is the recurrence above, token by token
+(also the T = 1 decoding path).
+
+Checked on every call (before a backend is chosen; errors name the argument): shapes, floating
+point tensors on one device, integer seq_idx, chunk_size, scale. With value checks on
+(kernels.value_checks): g <= 0 (otherwise exp(g) > 1 and the state grows without bound), contiguous
+segments.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from kernels import value_checks
+from kernels.dispatch import Op
+from kernels.packing import check_contiguous, check_seq_idx
+
+
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, scale: float | None = None,
+                 initial_state: Tensor | None = None, seq_idx: Tensor | None = None, chunk_size: int = 64,
+                 return_final_state: bool = False) -> None:
+    """Shape, dtype and device checks shared by every backend; errors name the argument."""
+    check_state_inputs("linear_attention", q, k, v, dict(g=g), scale, initial_state, seq_idx, chunk_size,
+                       return_final_state)
+    B, T, H, dk = q.shape
+    if g is not None and tuple(g.shape) not in ((B, T, H, dk), (B, T, H)):
+        raise ValueError(f"g must be (batch, T, heads, dk) = {(B, T, H, dk)} (per key channel) or "
+                         f"(batch, T, heads) = {(B, T, H)} (per head) or None; got {tuple(g.shape)}")
+
+
+def check_state_inputs(op: str, q: Tensor, k: Tensor, v: Tensor, gates: dict[str, Tensor | None],
+                       scale: float | None, initial_state: Tensor | None, seq_idx: Tensor | None, chunk_size: int,
+                       return_final_state: bool) -> None:
+    """The checks linear_attention and delta_rule share: q, k, v, the gate tensors in `gates` (their
+    kind and device; the caller checks their shapes), scale, initial_state, seq_idx, chunk_size."""
+    for name, t in (("q", q), ("k", k), ("v", v), *gates.items(), ("initial_state", initial_state)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor; got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating-point tensor; got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
+    if q.ndim != 4:
+        raise ValueError(f"q must be (batch, T, heads, dk); got {tuple(q.shape)}")
+    B, T, H, dk = q.shape
+    if tuple(k.shape) != (B, T, H, dk):
+        raise ValueError(f"k must be (batch, T, heads, dk) = {(B, T, H, dk)} like q; got {tuple(k.shape)}")
+    if v.ndim != 4 or tuple(v.shape[:3]) != (B, T, H):
+        raise ValueError(f"v must be (batch, T, heads, dv) with (batch, T, heads) = {(B, T, H)}; got {tuple(v.shape)}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"{op}: q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"{op}: scale must be a number or None; got {scale!r}")
+    if initial_state is not None and tuple(initial_state.shape) != (B, H, dk, v.shape[3]):
+        raise ValueError(f"initial_state must be (batch, heads, dk, dv) = {(B, H, dk, v.shape[3])}; "
+                         f"got {tuple(initial_state.shape)}")
+    if seq_idx is not None:
+        check_seq_idx(seq_idx, (B, T), "(batch, T)", contiguous=False)
+        if seq_idx.device != q.device:
+            raise ValueError(f"{op}: seq_idx is on {seq_idx.device} but q is on {q.device}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{op}: chunk_size must be a positive int; got chunk_size={chunk_size!r}")
+    if not isinstance(return_final_state, bool):
+        raise TypeError(f"{op}: return_final_state must be a bool; got {return_final_state!r}")
+
+
+def check_values(op: str, g: Tensor | None, seq_idx: Tensor | None) -> None:
+    """The value checks linear_attention and delta_rule share (run with kernels.value_checks on)."""
+    if g is not None and g.numel() and not bool((g <= 0).all()):
+        raise ValueError(f"{op}: g must be <= 0 (a log decay); got max g = {g.max().item():.6g}, so exp(g) > 1 "
+                         "and the state grows without bound")
+    if seq_idx is not None:
+        check_contiguous(seq_idx, "seq_idx")
+
+
+def validate(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, seq_idx: Tensor | None = None,
+             **options) -> None:
+    """Every call's checks (run by the op before dispatch): check_inputs, plus with value checks on
+    (kernels.value_checks) g <= 0 and contiguous segments."""
+    check_inputs(q, k, v, g, seq_idx=seq_idx, **options)
+    if value_checks.active():
+        check_values("linear_attention", g, seq_idx)
+
+
+linear_attention = Op("linear_attention", __doc__, check=validate)

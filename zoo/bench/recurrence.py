@@ -1,0 +1,86 @@
+"""The matrix-state ops: `chunked` vs the token-by-token `reference`, forward and forward + backward, over T.
+
+Three workloads, one per decay shape the ops take:
+    gla           linear_attention with a log decay per key channel (B, T, H, dk)
+    retnet        linear_attention with a log decay per head (B, T, H)
+    gated-delta   delta_rule with a log decay per head, unit keys, beta in (0, 1)
+Defaults: B=4, H=4, dk=32, dv=64 (GLA at width 256: dk = 0.5 * 256 / 4), float32, 2 threads,
+T in 16 32 64 128 256 1024. Each time is the best of --repeats; the backends alternate inside every
+repeat so both see the same machine load; the ratio is reference / chunked (above 1: chunked is
+faster). The reference is skipped above --max-reference-T (it is linear in T; extrapolate).
+
+    python tools/bench.py recurrence
+    python tools/bench.py recurrence --T 256 1024 4096 --max-reference-T 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from kernels.delta_rule import delta_rule
+from kernels.linear_attention import linear_attention
+
+WORKLOADS = ("gla", "retnet", "gated-delta")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--T", type=int, nargs="+", default=[16, 32, 64, 128, 256, 1024])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--dk", type=int, default=32)
+    parser.add_argument("--dv", type=int, default=64)
+    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-reference-T", type=int, default=1024)
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+
+
+def inputs(workload: str, B: int, T: int, H: int, dk: int, dv: int) -> list[torch.Tensor]:
+    q, v = torch.randn(B, T, H, dk), torch.randn(B, T, H, dv)
+    k = F.normalize(torch.randn(B, T, H, dk), dim=-1)
+    if workload == "gla":
+        return [q, k, v, F.logsigmoid(torch.randn(B, T, H, dk)) / 16]
+    if workload == "retnet":
+        return [q, k, v, torch.log(1 - 2.0 ** (-5.0 - torch.arange(H))).expand(B, T, H).contiguous()]
+    return [q, k, v, torch.sigmoid(torch.randn(B, T, H)), -F.softplus(torch.randn(B, T, H))]
+
+
+def timed(workload: str, backend: str, xs: list[torch.Tensor], chunk_size: int, backward: bool) -> float:
+    op = delta_rule if workload == "gated-delta" else linear_attention
+    start = time.perf_counter()
+    if backward:
+        leaves = [x.detach().requires_grad_(True) for x in xs]
+        op(*leaves, chunk_size=chunk_size, backend=backend).sum().backward()
+    else:
+        with torch.no_grad():
+            op(*xs, chunk_size=chunk_size, backend=backend)
+    return time.perf_counter() - start
+
+
+def run(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"reference vs chunked: float32, B={args.batch}, H={args.heads}, dk={args.dk}, dv={args.dv}, "
+          f"chunk_size={args.chunk_size}, {args.threads} threads, best of {args.repeats}; ratio = reference / chunked")
+    print("| workload | T | forward ref ms | forward chunked ms | ratio | fwd+bwd ref ms | fwd+bwd chunked ms | ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for workload in args.workloads:
+        for T in args.T:
+            xs = inputs(workload, args.batch, T, args.heads, args.dk, args.dv)
+            backends = ["chunked"] + (["reference"] if T <= args.max_reference_T else [])
+            best = {(b, bw): float("inf") for b in backends for bw in (False, True)}
+            for _ in range(args.repeats):
+                for backward in (False, True):
+                    for b in backends:
+                        best[b, backward] = min(best[b, backward], timed(workload, b, xs, args.chunk_size, backward))
+            cells = []
+            for backward in (False, True):
+                ref, chunked = best.get(("reference", backward)), best["chunked", backward]
+                cells += [f"{ref * 1e3:.1f}" if ref else "-", f"{chunked * 1e3:.1f}",
+                          f"{ref / chunked:.1f}x" if ref else "-"]
+            print(f"| {workload} | {T} | " + " | ".join(cells) + " |", flush=True)
