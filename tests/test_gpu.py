@@ -12,7 +12,7 @@ import torch
 
 import kernels
 from tests.conftest import NEEDS_CUDA
-from tests.registry_mixers import factory, names
+from tests.registry_mixers import factory, names, skip_if_exempt
 from zoo.models import CausalLM
 from zoo.registry import REGISTRY
 from zoo.stack import Stack
@@ -33,6 +33,7 @@ def _mixer(name: str) -> torch.nn.Module:
 @pytest.mark.parametrize("mixer", names())
 def test_decode_equals_forward(mixer, pins):
     model = _mixer(mixer)
+    skip_if_exempt(model, mixer, "decode")
     x = torch.randn(2, 70, DIM, device="cuda")
     with torch.no_grad(), kernels.use_backends(**PINS[pins]):
         full = model(x)
@@ -45,6 +46,7 @@ def test_decode_equals_forward(mixer, pins):
 @pytest.mark.parametrize("mixer", names())
 def test_packed_equals_separate(mixer, pins):
     model = _mixer(mixer)
+    skip_if_exempt(model, mixer, "packing")
     lengths = [37, 1, 90]
     docs = [torch.randn(1, n, DIM, device="cuda") for n in lengths]
     seq_idx = torch.repeat_interleave(torch.arange(3, device="cuda"), torch.tensor(lengths, device="cuda"))[None]
