@@ -8,7 +8,9 @@
 
 Importing `kernels` registers every built-in backend; backends whose dependencies are missing
 register anyway and report themselves unavailable with a reason. `kernels.validate()` checks the
-backends that must earn trust on this device (kernels.validation).
+backends that must earn trust on this device (kernels.validation). Every op follows one NaN policy
+whatever backend runs it (kernels.nan_policy): a non-finite input makes NaN exactly the outputs
+that depend on it, as each op's contract states.
 """
 
 import kernels.attention

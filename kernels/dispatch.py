@@ -42,6 +42,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from kernels import nan_policy
+
 log = logging.getLogger("kernels")
 
 Reason = str | None
@@ -187,11 +189,18 @@ class Op:
 
     `check(*args, **kwargs)`, if given, validates every call's inputs before a backend is chosen
     (raising an error that names the argument), so a bad input gets the same message whichever
-    backend is pinned or available."""
+    backend is pinned or available. `nan_guard(*args, **kwargs) -> (args, kwargs, finish)`, if
+    given, applies the op's NaN policy around whichever backend runs (kernels.nan_policy): the
+    backend gets the cleaned `args, kwargs`, and `finish` marks its result. `nan_hints` name the
+    keyword arguments only the guard reads (flags a caller already knows); backends never see them."""
 
-    def __init__(self, name: str, doc: str = "", check: Callable[..., None] | None = None):
+    def __init__(self, name: str, doc: str = "", check: Callable[..., None] | None = None,
+                 nan_guard: Callable[..., tuple[tuple, dict, Callable[[Any], Any]]] | None = None,
+                 nan_hints: tuple[str, ...] = ()):
         self.name = name
         self.check = check
+        self.nan_guard = nan_guard
+        self.nan_hints = nan_hints
         self.__doc__ = doc
         self.backends: dict[str, Backend] = {}
         self._ranked: list[Backend] = []
@@ -271,7 +280,12 @@ class Op:
     def __call__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> Any:
         if self.check is not None:
             self.check(*args, **kwargs)
-        return self.select(*args, backend=backend, **kwargs).fn(*args, **kwargs)
+        hints = {name: kwargs.pop(name) for name in self.nan_hints if name in kwargs}
+        chosen = self.select(*args, backend=backend, **kwargs)
+        if self.nan_guard is None or not nan_policy.active():
+            return chosen.fn(*args, **kwargs)
+        args, kwargs, finish = self.nan_guard(*args, **kwargs, **hints)
+        return finish(chosen.fn(*args, **kwargs))
 
     def __repr__(self) -> str:
         return f"Op({self.name!r}, backends={list(self.backends)})"

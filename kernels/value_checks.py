@@ -14,28 +14,8 @@ The models check what they are given (tokens, segment ids) on every call either 
 
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
-from typing import Iterator
+from kernels.switch import Switch
 
-_local = threading.local()
-
-
-def active() -> bool:
-    """Whether op-level value checks run now (innermost `enabled()` block, else ZOO_CHECK_VALUES)."""
-    stack = getattr(_local, "stack", None)
-    if stack:
-        return stack[-1]
-    return os.environ.get("ZOO_CHECK_VALUES", "") not in ("", "0")
-
-
-@contextlib.contextmanager
-def enabled(on: bool = True) -> Iterator[None]:
-    """Run op-level value checks inside the block (or, with on=False, skip them)."""
-    stack = _local.__dict__.setdefault("stack", [])
-    stack.append(bool(on))
-    try:
-        yield
-    finally:
-        stack.pop()
+_switch = Switch("ZOO_CHECK_VALUES", default=False)
+active = _switch.active  # () -> bool: whether op-level value checks run now
+enabled = _switch.enabled  # (on=True): a block of code with the checks on (or off)

@@ -242,3 +242,99 @@ DELTA_RULE_CASES = [
 
 CASES = {"attention": ATTENTION_CASES, "feedback_solve": FEEDBACK_CASES, "ssd": SSD_CASES,
          "linear_attention": LINEAR_ATTENTION_CASES, "delta_rule": DELTA_RULE_CASES}
+
+
+# ---------------------------------------------------------------- NaN poisoning (kernels.nan_policy)
+# Each op's NaN policy as its contract states it, written here independently of kernels.nan_policy:
+# the inputs that are read out (a non-finite element reaches only its own output position); every
+# other input with a time axis is memory (it reaches its own position and every later one in its
+# segment that sees it: within `window` for attention). Inputs named past_* sit before the others on
+# the time axis; an `initial_state` (B, ...) reaches its row's first segment; a 1-D input (ssd's A)
+# reaches every output. An op without an entry here fails the NaN conformance test.
+NAN_READ_OUT = {"attention": {"q"}, "feedback_solve": set(), "ssd": {"C"}, "linear_attention": {"q"},
+                "delta_rule": {"q"}}
+
+
+@dataclass
+class Poison:
+    """One non-finite element: input `name`, row `b`, step `t` on that input's own time axis (None:
+    an input without one), and the value written."""
+
+    name: str
+    b: int | None
+    t: int | None
+    value: float
+
+    @property
+    def id(self) -> str:
+        where = "" if self.b is None else f"@{self.b},{self.t}" if self.t is not None else f"@{self.b}"
+        return f"{self.name}{where}={self.value}"
+
+
+def named_inputs(names: list[str], args: tuple, kwargs: dict) -> dict:
+    """{argument name: value} of a case's call, positional arguments named by `names` (the op's signature)."""
+    return {**dict(zip(names, args)), **kwargs}
+
+
+def poisonings(inputs: dict) -> list[Poison]:
+    """One poisoning per floating-point input: the middle step of its time axis in the last row (so
+    earlier rows, earlier steps and other segments stay clean); NaN and +-inf in turn."""
+    values = [float("nan"), float("inf"), float("-inf")]
+    out = []
+    for i, (name, t) in enumerate((n, t) for n, t in inputs.items() if isinstance(t, torch.Tensor) and t.is_floating_point()):
+        value = values[i % 3]
+        if t.ndim == 1:
+            out.append(Poison(name, None, None, value))
+        elif name == "initial_state":
+            out.append(Poison(name, t.shape[0] - 1, None, value))
+        else:
+            out.append(Poison(name, t.shape[0] - 1, t.shape[1] // 2, value))
+    return out
+
+
+def poisoned(inputs: dict, p: Poison) -> dict:
+    """A copy of `inputs` with p's element (the last one of its position) set to p.value."""
+    t = inputs[p.name].detach().clone()
+    if p.b is None:
+        t[-1] = p.value
+    elif p.t is None:
+        t[p.b].view(-1)[-1] = p.value
+    else:
+        t[p.b, p.t].view(-1)[-1] = p.value
+    return {**inputs, p.name: t}
+
+
+def expected_nan(op_name: str, inputs: dict, p: Poison, out_len: int) -> torch.Tensor:
+    """(B, out_len) bool: the output positions the policy makes NaN, by brute force over positions.
+
+    The time axis of an op is its seq_idx's (or its longest input's plus past_* length); an input of
+    length L sits at the last L steps (past_* at the first), and so do the outputs."""
+    tensors = {n: t for n, t in inputs.items() if isinstance(t, torch.Tensor) and t.is_floating_point() and t.ndim >= 2
+               and n != "initial_state"}
+    past = max((t.shape[1] for n, t in tensors.items() if n.startswith("past_")), default=0)
+    total = past + max(t.shape[1] for n, t in tensors.items() if not n.startswith("past_"))
+    B = next(iter(tensors.values())).shape[0]
+    seq = inputs.get("seq_idx")
+    ids = [[0] * total for _ in range(B)] if seq is None else seq.tolist()
+    window = inputs.get("window")
+
+    def run_of(b: int, j: int) -> int:  # the step where j's run of equal segment ids begins
+        while j > 0 and ids[b][j - 1] == ids[b][j]:
+            j -= 1
+        return j
+
+    reached = torch.zeros(B, total, dtype=torch.bool)
+    if p.b is None:  # a 1-D input such as ssd's A enters every output
+        reached[:] = True
+    elif p.t is None:  # an initial state: its row's first segment
+        for j in range(total):
+            reached[p.b, j] = run_of(p.b, j) == 0
+    else:
+        L = inputs[p.name].shape[1]
+        j = p.t if p.name.startswith("past_") else total - L + p.t
+        if p.name in NAN_READ_OUT[op_name]:
+            reached[p.b, j] = True
+        else:
+            for i in range(j, total):
+                reached[p.b, i] = run_of(p.b, i) <= j and (window is None or i - j < window)
+    return reached[:, total - out_len:]

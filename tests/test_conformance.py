@@ -12,12 +12,14 @@ with the backend's own reason.
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
 import kernels
 from kernels.triton_utils import single_config
-from tests.cases import CASES
+from tests.cases import CASES, NAN_READ_OUT, expected_nan, named_inputs, poisoned, poisonings
 from tests.conftest import NEEDS_CUDA
 from tests.tolerances import tolerance
 
@@ -63,7 +65,9 @@ def _close(name, got, want, tol):
 
 @pytest.mark.parametrize("op_name,backend,case,dtype,device", list(_params()))
 def test_backend_matches_reference(op_name, backend, case, dtype, device, nan_poison):
-    with single_config():
+    """The backends themselves, without the NaN policy's guard (test_backend_follows_the_nan_policy
+    tests that; its copies would hide the strided views from the backends)."""
+    with single_config(), kernels.nan_policy.enabled(False):
         _check(op_name, backend, case, dtype, device)
 
 
@@ -120,3 +124,91 @@ def test_reference_gradcheck(op_name):
 
         xs = [a.detach().requires_grad_(True) for _, a in floats] + [v.detach().requires_grad_(True) for _, v in kfloats]
         assert torch.autograd.gradcheck(fn, xs, eps=1e-6, atol=1e-6), f"{op_name} {case.id}"
+
+
+# ---------------------------------------------------------------- NaN policy (kernels.nan_policy)
+NAN_DTYPES = {"cpu": torch.float32, "cuda": torch.float32}
+
+
+def _nan_params():
+    for device, dtype in NAN_DTYPES.items():
+        for op_name, cases in CASES.items():
+            for backend in kernels.get_op(op_name).backends:
+                for case in cases:
+                    if _runs(device, backend, case, dtype):
+                        yield pytest.param(op_name, backend, case, device, marks=CUDA if device == "cuda" else (),
+                                           id=f"{device}-{op_name}-{backend}-{case.id}")
+
+
+@pytest.mark.parametrize("op_name,backend,case,device", list(_nan_params()))
+def test_backend_follows_the_nan_policy(op_name, backend, case, device, nan_poison):
+    """Every backend, the reference included, on every case with one input element made NaN or +-inf
+    (each float input in turn, tests/cases.py `poisonings`; in Triton's CPU interpreter only the
+    first memory input): exactly the output positions the op's
+    contract says the element reaches are NaN (every element of them), by brute force over positions
+    (cases.expected_nan); the final state too, where the op returns one; every other output equals
+    the output for the clean inputs; and the gradients are those of the clean run's loss over the
+    outputs that stay finite (NaN outputs pass no gradient back), finite everywhere."""
+    assert op_name in NAN_READ_OUT, f"state {op_name}'s NaN policy in tests/cases.py NAN_READ_OUT"
+    dtype = NAN_DTYPES[device]
+    op = kernels.get_op(op_name)
+    names = [n for n, p in inspect.signature(op.backends["reference"].fn).parameters.items()
+             if p.kind == p.POSITIONAL_OR_KEYWORD]
+    args, kwargs = case.make(dtype, device)
+    if op.backends[backend].reason(*args, **kwargs) is not None:
+        pytest.skip(f"{backend}: {op.backends[backend].reason(*args, **kwargs)}")
+    clean = named_inputs(names, args, kwargs)
+    if "return_final_state" in inspect.signature(op.backends["reference"].fn).parameters:
+        clean["return_final_state"] = True
+    tol = tolerance(op_name, dtype)
+    poisons = poisonings(clean)
+    if device == "cpu" and "triton" in backend:  # the interpreter is slow: one memory input per case
+        poisons = [p for p in poisons if p.name not in NAN_READ_OUT[op_name]][:1]
+    with single_config():
+        for p in poisons:
+            _check_nan(op, backend, case, p, clean, tol)
+
+
+def _call(op, backend, inputs):
+    floats = {n: t.detach().clone().requires_grad_(True) for n, t in inputs.items()
+              if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    out = _outputs(op(**{**inputs, **floats}, backend=backend))
+    return out, floats
+
+
+def _check_nan(op, backend, case, p, clean, tol):
+    where = f"{op.name} {backend} {case.id} {p.id}"
+    got, got_inputs = _call(op, backend, poisoned(clean, p))
+    want, want_inputs = _call(op, backend, clean)
+    with kernels.nan_policy.enabled(False):  # on finite inputs the guard changes nothing
+        for i, (w, raw) in enumerate(zip(want, _call(op, backend, clean)[0])):
+            _close(f"{where}: output {i} with the policy off", w.detach(), raw.detach(), tol)
+    reached = expected_nan(op.name, clean, p, got[0].shape[1]).to(got[0].device)
+    keeps_state = p.name not in NAN_READ_OUT[op.name]
+    masks = [reached] + [reached[:, -1] & keeps_state] * (len(got) - 1)  # (o, final state)
+    for i, (g, w, m) in enumerate(zip(got, want, masks)):
+        m = m.reshape(*m.shape, *[1] * (g.ndim - m.ndim)).expand_as(g)
+        nan = torch.isnan(g)
+        assert torch.equal(nan, m), (f"{where}: output {i} is NaN at positions {_positions(nan)}; the policy says "
+                                     f"{_positions(m)}")
+        if not m.all():
+            _close(f"{where}: output {i} where finite", g[~m], w.detach()[~m], tol)
+
+    torch.manual_seed(123)
+    cotangents = [torch.randn_like(w) for w in want]
+    grads = torch.autograd.grad(sum((g * c).sum() for g, c in zip(got, cotangents)), list(got_inputs.values()),
+                                allow_unused=True)
+    finite_loss = sum((torch.where(m.reshape(*m.shape, *[1] * (w.ndim - m.ndim)), 0.0, w) * c).sum()
+                      for w, c, m in zip(want, cotangents, masks))
+    want_grads = torch.autograd.grad(finite_loss, list(want_inputs.values()), allow_unused=True)
+    for name, g, w in zip(got_inputs, grads, want_grads):
+        if w is None:
+            continue
+        assert g is not None and torch.isfinite(g).all(), f"{where}: gradient of {name} is missing or not finite"
+        _close(f"{where}: gradient of {name}", g, w, tol)
+
+
+def _positions(mask: torch.Tensor) -> list:
+    """(row, step) pairs where any element of a (B, T, ...) mask is set (or rows, for a final state)."""
+    rows = mask.reshape(*mask.shape[:2], -1).any(-1) if mask.ndim > 2 else mask
+    return rows.nonzero().tolist()

@@ -23,18 +23,25 @@ and beta in (0, 1) keep the state bounded; |k| is not checked. Half-precision in
 in float32. The `reference` backend is the recurrence above, token by token (also the T = 1
 decoding path).
 
+NaN policy (kernels.nan_policy, whatever the backend): q is read out, a non-finite element of q at
+step t makes o_t NaN; k, v, beta and g are memory, one at step t makes NaN o from t to the end of
+its segment (and the final state if that segment is the row's last); a non-finite initial state
+of row b makes row b's first segment NaN. No other output changes; NaN outputs pass no gradient
+back, and non-finite positions get gradient 0.
+
 Checked on every call (before a backend is chosen; errors name the argument): shapes, floating
-point tensors on one device, integer seq_idx, chunk_size, scale. With value checks on
-(kernels.value_checks): beta in [0, 1], g <= 0, contiguous segments.
+point tensors on one device, integer seq_idx on that device, chunk_size, scale. With value checks
+on (kernels.value_checks): beta in [0, 1], g <= 0, contiguous segments.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from kernels import value_checks
+from kernels import nan_policy, value_checks
+from kernels.checks import check_values
 from kernels.dispatch import Op
-from kernels.linear_attention.contract import check_state_inputs, check_values
+from kernels.linear_attention.contract import check_decays, check_state_inputs, scan_nan_guard
 
 
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None = None, *,
@@ -57,10 +64,15 @@ def validate(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None = N
     (kernels.value_checks) beta in [0, 1], g <= 0 and contiguous segments."""
     check_inputs(q, k, v, beta, g, seq_idx=seq_idx, **options)
     if value_checks.active():
-        if beta.numel() and not bool(((beta >= 0) & (beta <= 1)).all()):
-            raise ValueError(f"delta_rule: beta must lie in [0, 1] (a write strength); got values in "
-                             f"[{beta.min().item():.6g}, {beta.max().item():.6g}]")
-        check_values("delta_rule", g, seq_idx)
+        check_values("delta_rule", "beta", beta, (beta < 0) | (beta > 1), "lie in [0, 1] (a write strength)",
+                     "values in [{min:.6g}, {max:.6g}]")
+        check_decays("delta_rule", g, seq_idx)
 
 
-delta_rule = Op("delta_rule", __doc__, check=validate)
+def nan_guard(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None = None, *,
+              initial_state: Tensor | None = None, seq_idx: Tensor | None = None, **options) -> nan_policy.Guarded:
+    """The NaN policy (run by the op around every backend): q is read out; k, v, beta, g are memory."""
+    return scan_nan_guard(q, (k, v, beta, g), initial_state, seq_idx, options)
+
+
+delta_rule = Op("delta_rule", __doc__, check=validate, nan_guard=nan_guard)

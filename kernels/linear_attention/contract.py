@@ -18,19 +18,26 @@ RetNet (arXiv 2307.08621) a constant g per head, plain linear attention g = None
 inputs are computed in float32. The `reference` backend is the recurrence above, token by token
 (also the T = 1 decoding path).
 
+NaN policy (kernels.nan_policy, whatever the backend): q is read out, a non-finite element of q at
+step t makes o_t NaN; k, v and g are memory, one at step t makes NaN o from t to the end of its
+segment (and the final state if that segment is the row's last); a non-finite initial state of
+row b makes row b's first segment NaN. No other output changes; NaN outputs pass no gradient back,
+and non-finite positions get gradient 0.
+
 Checked on every call (before a backend is chosen; errors name the argument): shapes, floating
-point tensors on one device, integer seq_idx, chunk_size, scale. With value checks on
-(kernels.value_checks): g <= 0 (otherwise exp(g) > 1 and the state grows without bound), contiguous
-segments.
+point tensors on one device, integer seq_idx on that device, chunk_size, scale. With value checks
+on (kernels.value_checks): g <= 0 (otherwise exp(g) > 1 and the state grows without bound),
+contiguous segments.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from kernels import value_checks
+from kernels import nan_policy, value_checks
+from kernels.checks import check_segments, check_tensors, check_values
 from kernels.dispatch import Op
-from kernels.packing import check_contiguous, check_seq_idx
+from kernels.packing import check_contiguous
 
 
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, scale: float | None = None,
@@ -50,15 +57,7 @@ def check_state_inputs(op: str, q: Tensor, k: Tensor, v: Tensor, gates: dict[str
                        return_final_state: bool) -> None:
     """The checks linear_attention and delta_rule share: q, k, v, the gate tensors in `gates` (their
     kind and device; the caller checks their shapes), scale, initial_state, seq_idx, chunk_size."""
-    for name, t in (("q", q), ("k", k), ("v", v), *gates.items(), ("initial_state", initial_state)):
-        if t is None:
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor; got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{op}: {name} must be a floating-point tensor; got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
+    check_tensors(op, dict(q=q, k=k, v=v, **gates, initial_state=initial_state))
     if q.ndim != 4:
         raise ValueError(f"q must be (batch, T, heads, dk); got {tuple(q.shape)}")
     B, T, H, dk = q.shape
@@ -73,21 +72,17 @@ def check_state_inputs(op: str, q: Tensor, k: Tensor, v: Tensor, gates: dict[str
     if initial_state is not None and tuple(initial_state.shape) != (B, H, dk, v.shape[3]):
         raise ValueError(f"initial_state must be (batch, heads, dk, dv) = {(B, H, dk, v.shape[3])}; "
                          f"got {tuple(initial_state.shape)}")
-    if seq_idx is not None:
-        check_seq_idx(seq_idx, (B, T), "(batch, T)", contiguous=False)
-        if seq_idx.device != q.device:
-            raise ValueError(f"{op}: seq_idx is on {seq_idx.device} but q is on {q.device}")
+    check_segments(op, seq_idx, (B, T), "(batch, T)", q.device)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{op}: chunk_size must be a positive int; got chunk_size={chunk_size!r}")
     if not isinstance(return_final_state, bool):
         raise TypeError(f"{op}: return_final_state must be a bool; got {return_final_state!r}")
 
 
-def check_values(op: str, g: Tensor | None, seq_idx: Tensor | None) -> None:
+def check_decays(op: str, g: Tensor | None, seq_idx: Tensor | None) -> None:
     """The value checks linear_attention and delta_rule share (run with kernels.value_checks on)."""
-    if g is not None and g.numel() and not bool((g <= 0).all()):
-        raise ValueError(f"{op}: g must be <= 0 (a log decay); got max g = {g.max().item():.6g}, so exp(g) > 1 "
-                         "and the state grows without bound")
+    check_values(op, "g", g, None if g is None else g > 0, "be <= 0 (a log decay)", "max g = {max:.6g}",
+                 ", so exp(g) > 1 and the state grows without bound")
     if seq_idx is not None:
         check_contiguous(seq_idx, "seq_idx")
 
@@ -98,7 +93,27 @@ def validate(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, seq_id
     (kernels.value_checks) g <= 0 and contiguous segments."""
     check_inputs(q, k, v, g, seq_idx=seq_idx, **options)
     if value_checks.active():
-        check_values("linear_attention", g, seq_idx)
+        check_decays("linear_attention", g, seq_idx)
 
 
-linear_attention = Op("linear_attention", __doc__, check=validate)
+def scan_nan_guard(q: Tensor, memory: tuple[Tensor | None, ...], initial_state: Tensor | None,
+                   seq_idx: Tensor | None, options: dict) -> nan_policy.Guarded:
+    """The NaN policy of linear_attention and delta_rule: q is read out, `memory` (the other inputs
+    with a time axis, in argument order) reaches the rest of its segment, the initial state its
+    row's first segment -> (q, *memory) and the keywords cleaned, and the function that marks o
+    (and the final state)."""
+    q_bad, init_bad = nan_policy.flags(q), nan_policy.flags(initial_state, batch_dims=1)
+    memory_bad = nan_policy.flags(*memory)
+    held = nan_policy.reach_forward(memory_bad, seq_idx, first_run=init_bad)  # (B, T): the state is NaN
+    inputs = (nan_policy.clean(q, q_bad), *(nan_policy.clean(t, memory_bad) for t in memory))
+    kwargs = dict(initial_state=nan_policy.clean(initial_state, init_bad), seq_idx=seq_idx, **options)
+    return inputs, kwargs, lambda out: nan_policy.mark_outputs(out, held | q_bad, held[:, -1])
+
+
+def nan_guard(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, initial_state: Tensor | None = None,
+              seq_idx: Tensor | None = None, **options) -> nan_policy.Guarded:
+    """The NaN policy (run by the op around every backend): q is read out; k, v, g are memory."""
+    return scan_nan_guard(q, (k, v, g), initial_state, seq_idx, options)
+
+
+linear_attention = Op("linear_attention", __doc__, check=validate, nan_guard=nan_guard)

@@ -13,32 +13,32 @@ where h_{t-1} is taken as 0 when step t starts a new segment (seq_idx changes); 
 belongs to the segment of step 0. The skip term D x and the gate are the mixer's business.
 The `reference` backend is the sequential scan; `chunk_size` is a hint for chunked backends.
 
+NaN policy (kernels.nan_policy, whatever the backend): C is read out, a non-finite element of C
+at step t makes y_t NaN; x, dt and B are memory, one at step t makes NaN y from t to the end of
+its segment (and the final state if that segment is the row's last); a non-finite initial state
+of row b makes row b's first segment NaN; a non-finite A makes every output NaN. No other output
+changes; NaN outputs pass no gradient back, and non-finite positions get gradient 0.
+
 Checked on every call (before a backend is chosen; errors name the argument): shapes, floating
-point tensors on one device, integer seq_idx. With value checks on (kernels.value_checks): A <= 0
-and dt >= 0 (otherwise exp(dt A) > 1 and the state grows without bound), contiguous segments.
+point tensors on one device, integer seq_idx on that device. With value checks on
+(kernels.value_checks): A <= 0 and dt >= 0 (otherwise exp(dt A) > 1 and the state grows without
+bound), contiguous segments.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from kernels import value_checks
+from kernels import nan_policy, value_checks
+from kernels.checks import check_segments, check_tensors, check_values
 from kernels.dispatch import Op
-from kernels.packing import check_contiguous, check_seq_idx, segment_starts  # noqa: F401  (segment_starts: re-exported)
+from kernels.packing import check_contiguous, segment_starts  # noqa: F401  (segment_starts: re-exported)
 
 
 def check_inputs(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
                  initial_state: Tensor | None = None, seq_idx: Tensor | None = None) -> None:
     """Shape, dtype and device checks shared by every backend; errors name the argument."""
-    for name, t in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("initial_state", initial_state)):
-        if t is None:
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"ssd: {name} must be a torch.Tensor; got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"ssd: {name} must be a floating-point tensor; got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"ssd: {name} is on {t.device} but x is on {x.device}")
+    check_tensors("ssd", dict(x=x, dt=dt, A=A, B=B, C=C, initial_state=initial_state))
     if x.ndim != 4:
         raise ValueError(f"x must be (batch, T, heads, head_dim); got {tuple(x.shape)}")
     Bt, T, H, P = x.shape
@@ -50,8 +50,7 @@ def check_inputs(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
         raise ValueError(f"B and C must be (batch, T, groups, state) with heads % groups == 0; got B {tuple(B.shape)}, C {tuple(C.shape)}")
     if initial_state is not None and tuple(initial_state.shape) != (Bt, H, P, B.shape[3]):
         raise ValueError(f"initial_state must be {(Bt, H, P, B.shape[3])}; got {tuple(initial_state.shape)}")
-    if seq_idx is not None:
-        check_seq_idx(seq_idx, (Bt, T), "(batch, T)", contiguous=False)
+    check_segments("ssd", seq_idx, (Bt, T), "(batch, T)", x.device)
 
 
 def validate(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, initial_state: Tensor | None = None,
@@ -60,13 +59,27 @@ def validate(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, initial_
     on (kernels.value_checks) A <= 0, dt >= 0 and contiguous segments."""
     check_inputs(x, dt, A, B, C, initial_state, seq_idx)
     if value_checks.active():
-        if A.numel() and not bool((A <= 0).all()):
-            raise ValueError(f"ssd: A must be <= 0 (a decay); got max A = {A.max().item():.6g}, so exp(dt A) > 1 "
-                             "and the state grows without bound")
-        if dt.numel() and not bool((dt >= 0).all()):
-            raise ValueError(f"ssd: dt must be >= 0 (step sizes, already softplus'd); got min dt = {dt.min().item():.6g}")
+        check_values("ssd", "A", A, A > 0, "be <= 0 (a decay)", "max A = {max:.6g}",
+                     ", so exp(dt A) > 1 and the state grows without bound")
+        check_values("ssd", "dt", dt, dt < 0, "be >= 0 (step sizes, already softplus'd)", "min dt = {min:.6g}")
         if seq_idx is not None:
             check_contiguous(seq_idx, "seq_idx")
 
 
-ssd = Op("ssd", __doc__, check=validate)
+def nan_guard(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, initial_state: Tensor | None = None,
+              seq_idx: Tensor | None = None, **options) -> nan_policy.Guarded:
+    """The NaN policy (run by the op around every backend): C is read out; x, dt, B are memory to the
+    end of their segment; A reaches everything, the initial state its row's first segment ->
+    cleaned inputs and the function that marks y (and the final state)."""
+    memory = nan_policy.flags(x, dt, B)
+    C_bad, A_bad = nan_policy.flags(C), nan_policy.flags(A, batch_dims=0)
+    init_bad = nan_policy.flags(initial_state, batch_dims=1)
+    held = nan_policy.reach_forward(memory, seq_idx, first_run=init_bad) | A_bad  # (Bt, T): the state is NaN
+    reached = held | C_bad
+    inputs = (*(nan_policy.clean(t, memory) for t in (x, dt)), nan_policy.clean(A, A_bad),
+              nan_policy.clean(B, memory), nan_policy.clean(C, C_bad))
+    kwargs = dict(initial_state=nan_policy.clean(initial_state, init_bad), seq_idx=seq_idx, **options)
+    return inputs, kwargs, lambda out: nan_policy.mark_outputs(out, reached, held[:, -1])
+
+
+ssd = Op("ssd", __doc__, check=validate, nan_guard=nan_guard)
