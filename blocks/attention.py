@@ -10,7 +10,9 @@ with qkv_bias=True and out_proj only when num_heads > 1, as in the reference cod
 Positions for RoPE restart at 0 in every segment (kernels.packing.segment_positions) and continue
 from the cache when decoding. The decoding state holds k (after RoPE) and v: a buffer of max_len
 steps, or, with a sliding window, a ring buffer of the last window - 1 steps (all a new query can
-see besides itself), so its size does not grow with the sequence. While every row holds a single
+see besides itself), so its size does not grow with the sequence. A NaN or inf key or value is
+stored as zeros with a flag per step, which the op reads instead of the whole cache (its NaN
+policy, kernels.nan_policy). While every row holds a single
 segment no segment ids reach the op, so a decoding step builds no mask over the cache.
 """
 
@@ -24,6 +26,7 @@ from torch import Tensor, nn
 
 from blocks.mixer import DecodeState, Mixer, check_backends, head_dims
 from blocks.rope import RotaryEmbedding
+from kernels import nan_policy
 from kernels.attention import attention
 from kernels.packing import segment_positions
 
@@ -38,6 +41,7 @@ class AttentionState(DecodeState):
 
     k: Tensor
     v: Tensor
+    nonfinite: Tensor  # (B, C) bool: slots whose k or v was NaN or inf (stored as zeros; kernels.nan_policy)
     window: int | None = None
     segmented: bool = False  # some row holds more than one segment: the op needs segment ids
 
@@ -49,17 +53,20 @@ class AttentionState(DecodeState):
             self.segmented = bool((seq_new != first).any())
         return seq_new, positions
 
-    def past(self, n: int) -> tuple[Tensor, Tensor]:
-        """Ring buffer only: the last n <= C stored steps in time order: k, v (B, n, Hkv, d)."""
+    def past(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Ring buffer only: the last n <= C stored steps in time order: k, v (B, n, Hkv, d), nonfinite (B, n)."""
         slots = torch.arange(self.length - n, self.length, device=self.k.device) % self.k.shape[1]
-        return self.k.index_select(1, slots), self.v.index_select(1, slots)
+        return self.k.index_select(1, slots), self.v.index_select(1, slots), self.nonfinite.index_select(1, slots)
 
-    def store(self, k: Tensor, v: Tensor) -> None:
-        """Write the new steps k, v (B, T, Hkv, d), at [length, length + T), before `commit`."""
+    def store(self, k: Tensor, v: Tensor, nonfinite: Tensor | None) -> None:
+        """Write the new steps k, v (B, T, Hkv, d) and their flags (B, T) (None: all finite), at
+        [length, length + T), before `commit`."""
         T = k.shape[1]
+        nonfinite = torch.zeros(k.shape[:2], dtype=torch.bool, device=k.device) if nonfinite is None else nonfinite
         if self.window is None:
             self.k[:, self.length:self.length + T] = k
             self.v[:, self.length:self.length + T] = v
+            self.nonfinite[:, self.length:self.length + T] = nonfinite
             return
         C = self.k.shape[1]
         keep = min(T, C)  # only the last C steps survive in the ring
@@ -68,6 +75,7 @@ class AttentionState(DecodeState):
         slots = torch.arange(self.length + T - keep, self.length + T, device=self.k.device) % C
         self.k.index_copy_(1, slots, k[:, T - keep:].to(self.k.dtype))
         self.v.index_copy_(1, slots, v[:, T - keep:].to(self.v.dtype))
+        self.nonfinite.index_copy_(1, slots, nonfinite[:, T - keep:])
 
 
 class Attention(Mixer):
@@ -130,19 +138,23 @@ class Attention(Mixer):
         T = x.shape[1]
         seq_new, positions = state.begin(x, seq_idx)
         q, k, v = self._qkv(x, positions)
+        (k, v), bad = nan_policy.cache_entries(k, v)  # the cache holds finite values and their flags
         if state.window is None:  # the cache holds every step: attend to a view of it, no copy
             past = state.length
-            state.store(k, v)
+            state.store(k, v, bad)
             keys, values = state.k[:, :past + T].to(q.dtype), state.v[:, :past + T].to(q.dtype)  # no-ops unless a cast
+            nonfinite = state.nonfinite[:, :past + T]
         else:  # a ring of the last window - 1 steps: gather them in time order
             past = min(state.length, state.k.shape[1])
-            past_k, past_v = state.past(past)
+            past_k, past_v, past_bad = state.past(past)
             keys = torch.cat([past_k.to(k.dtype), k], dim=1)
             values = torch.cat([past_v.to(v.dtype), v], dim=1)
-            state.store(k, v)
+            nonfinite = None if bad is None else torch.cat([past_bad, bad], dim=1)
+            state.store(k, v, bad)
         state.commit(seq_new, positions)
         kv_seq = state.past_seq_idx[:, state.length - past - T:] if state.segmented else None
-        return attention(q, keys, values, window=self.window, seq_idx=kv_seq, backend=self.ops["attention"])
+        return attention(q, keys, values, window=self.window, seq_idx=kv_seq, nonfinite_kv=nonfinite,
+                         backend=self.ops["attention"])
 
     def allocate_state(self, batch_size: int, max_len: int, device: torch.device | str | None = None,
                        dtype: torch.dtype | None = None) -> AttentionState:
@@ -157,7 +169,8 @@ class Attention(Mixer):
         slots = max_len if self.window is None else min(self.window - 1, max_len)
         shape = (batch_size, slots, self.num_kv_heads, self.head_dim)
         return dict(**DecodeState.track(batch_size, max_len, device), k=torch.zeros(shape, device=device, dtype=dtype),
-                    v=torch.zeros(shape, device=device, dtype=dtype), window=self.window)
+                    v=torch.zeros(shape, device=device, dtype=dtype),
+                    nonfinite=torch.zeros(shape[:2], dtype=torch.bool, device=device), window=self.window)
 
     def state_numbers_per_token(self) -> int | None:
         """2 * Hkv * d (k and v) per token; None with a sliding window (the ring buffer has a fixed size)."""

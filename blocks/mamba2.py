@@ -1,7 +1,7 @@
 """Mamba-2 mixer (Dao & Gu 2024, "Transformers are SSMs"), the standard layer of mamba_ssm:
 
     z, xBC, dt = split(in_proj(u))                    # d_inner, d_inner + 2 G N, H
-    x, B, C = split(SiLU(causal depthwise conv(xBC)))
+    x, B, C = split(SiLU(causal depthwise conv(xBC)))  # blocks.short_conv, as the recurrent mixers' convs
     dt = softplus(dt + dt_bias);  A = -exp(A_log)      # per head (dt clamped to dt_limit if set)
     y = ssd(x, dt, A, B, C) + D x                      # kernels.ssd, the layer's pinned backend
     out = out_proj(GatedRMSNorm(y, z))                 # RMSNorm(y * silu(z)) per group
@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from blocks.mixer import DecodeState, Mixer, check_backends
 from blocks.norms import GatedRMSNorm
+from blocks.short_conv import ShortConvolution
 from kernels.ssd import ssd
 
 
@@ -109,7 +110,7 @@ class Mamba2(Mixer):
 
         # -> z0, x0 (the gated MLP's d_mlp channels each), z, xBC, dt
         self.in_proj = nn.Linear(dim, 2 * self.d_mlp + d_ssm + self.conv_dim + heads, bias=bias)
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel, groups=self.conv_dim, bias=conv_bias)
+        self.conv1d = ShortConvolution(self.conv_dim, conv_kernel, bias=conv_bias)  # SiLU(causal depthwise conv)
         dt = torch.exp(torch.rand(heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         self.A_log = nn.Parameter(torch.log(torch.empty(heads).uniform_(1, 16)))
@@ -129,43 +130,19 @@ class Mamba2(Mixer):
                            ssm=torch.zeros(batch_size, self.num_heads, self.head_dim, self.state_dim,
                                            device=device, dtype=dtype))
 
-    def _conv(self, u: Tensor, seq_idx: Tensor | None, window: Tensor | None, window_seq: Tensor | None) -> Tensor:
-        """Causal depthwise conv of u (B, T, conv_dim) after `window` (B, K-1, conv_dim) of earlier inputs.
-
-        With segment ids (seq_idx (B, T), window_seq (B, K-1)) an input only reaches outputs of its own
-        run: positions t' <= t count only when no segment change lies between them.
-        """
-        T, K = u.shape[1], self.conv_kernel
-        if seq_idx is None:  # one segment per row, nothing before: the plain conv
-            return rearrange(F.conv1d(rearrange(u, "b t c -> b c t"), self.conv1d.weight, self.conv1d.bias,
-                                      padding=K - 1, groups=self.conv_dim)[..., :T], "b c t -> b t c")
-        full = torch.cat([window.to(u.dtype), u], dim=1)  # (B, K-1+T, C)
-        ids = torch.cat([window_seq, seq_idx], dim=1)
-        run = F.pad((ids[:, 1:] != ids[:, :-1]).cumsum(dim=1), (1, 0))  # equal <=> same segment run
-        weight = self.conv1d.weight[:, 0]  # (C, K); tap k reads input t - (K-1) + k
-        out = self.conv1d.bias if self.conv1d.bias is not None else u.new_zeros(())
-        for k in range(K):
-            same = (run[:, k:k + T] == run[:, K - 1:]).to(u.dtype)[..., None]
-            out = out + full[:, k:k + T] * weight[:, k] * same
-        return out
-
     def forward(self, x: Tensor, *, seq_idx: Tensor | None = None, state: Mamba2State | None = None) -> Tensor:
         """x: (B, T, dim) -> (B, T, dim). seq_idx (B, T): segment ids (of the new tokens with a state)."""
         Bt, T, _ = x.shape
+        window = window_seq = None  # the conv inputs before x: none (zeros) without a state
         if state is not None:
             seq_idx, positions = state.begin(x, seq_idx)
             window, window_seq = state.conv, state.conv_seq
-        elif seq_idx is not None:
-            if tuple(seq_idx.shape) != (Bt, T):
-                raise ValueError(f"seq_idx must be (B, T) = {(Bt, T)}; got {tuple(seq_idx.shape)}")
-            window = x.new_zeros(Bt, self.conv_kernel - 1, self.conv_dim)  # nothing before: zero inputs
-            window_seq = seq_idx[:, :1].expand(Bt, self.conv_kernel - 1)
-        else:
-            window = window_seq = None
+        elif seq_idx is not None and tuple(seq_idx.shape) != (Bt, T):
+            raise ValueError(f"seq_idx must be (B, T) = {(Bt, T)}; got {tuple(seq_idx.shape)}")
 
         z0, x0, z, xBC, dt = self.in_proj(x).split(
             [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, self.num_heads], dim=-1)
-        xs, B, C = F.silu(self._conv(xBC, seq_idx, window, window_seq)).split(
+        xs, B, C = self.conv1d(xBC, seq_idx, window, window_seq).split(
             [self.d_ssm, self.num_groups * self.state_dim, self.num_groups * self.state_dim], dim=-1)
         xs = rearrange(xs, "b t (h p) -> b t h p", p=self.head_dim)
         B = rearrange(B, "b t (g n) -> b t g n", g=self.num_groups)
@@ -184,8 +161,9 @@ class Mamba2(Mixer):
                 cont = seq_idx[:, 0] == state.seq_idx[:, state.length - 1]
             else:
                 cont = torch.ones(Bt, dtype=torch.bool, device=x.device)
-            y, final = ssd(xs, dt, A, B, C, initial_state=state.ssm * cont[:, None, None, None], seq_idx=seq_idx,
-                           chunk_size=self.chunk_size, return_final_state=True, backend=self.ops["ssd"])
+            initial = torch.where(cont[:, None, None, None], state.ssm, 0.0)  # (not a product: 0 * NaN is NaN)
+            y, final = ssd(xs, dt, A, B, C, initial_state=initial, seq_idx=seq_idx, chunk_size=self.chunk_size,
+                           return_final_state=True, backend=self.ops["ssd"])
             state.ssm = final.to(state.ssm.dtype)
             state.conv = torch.cat([window.to(xBC.dtype), xBC], dim=1)[:, T:].to(state.conv.dtype)
             state.conv_seq = torch.cat([window_seq, seq_idx], dim=1)[:, T:]

@@ -99,6 +99,8 @@ INVARIANTS = {
               "equals the full forward pass",
     "packing": "packed sequences (seq_idx) equal each sequence run alone, forward and gradients",
     "backends": "a stack's output and gradients do not depend on the backends its ops run on",
+    "nan": "a NaN or inf input at (row b, step t) makes output (b, t) NaN and changes no earlier step, no other "
+           "row and no other packed document, in the forward pass and when decoding",
 }
 
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from blocks.attention import Attention, AttentionState
 from blocks.mixer import check_backends
+from kernels import nan_policy
 from kernels.feedback_solve import feedback_solve
 
 
@@ -31,6 +32,7 @@ class SessaState(AttentionState):
 
     k_b: Tensor | None = None  # (B, max_len, D) feedback keys
     s: Tensor | None = None  # (B, max_len, D) past mixer outputs
+    nonfinite_fb: Tensor | None = None  # (B, max_len) bool: steps whose k_b or s was NaN or inf (stored as zeros)
 
 
 class Sessa(Attention):
@@ -89,9 +91,11 @@ class Sessa(Attention):
         masks = state.past_seq_idx if state.segmented else None  # (B, past + T), only when a row holds several segments
         past_k, past_s = (state.k_b[:, :past].to(k_b.dtype), state.s[:, :past].to(f.dtype)) if past else (None, None)
         s = feedback_solve(f, q_b, k_b, gamma, past_k=past_k, past_s=past_s, seq_idx=masks,
+                           nonfinite_past=state.nonfinite_fb[:, :past] if past else None,
                            backend=self.ops["feedback_solve"])
-        state.k_b[:, new] = k_b
-        state.s[:, new] = s
+        (k_b, stored), bad = nan_policy.cache_entries(k_b, s)  # the cache holds finite values and their flags
+        state.k_b[:, new], state.s[:, new] = k_b, stored
+        state.nonfinite_fb[:, new] = False if bad is None else bad
         return s
 
     def allocate_state(self, batch_size: int, max_len: int, device: torch.device | str | None = None,
@@ -100,7 +104,8 @@ class Sessa(Attention):
         fields = self._state_fields(batch_size, max_len, device, dtype)
         if self.feedback:  # feedback keys and past outputs (B, max_len, D), with k's device and dtype
             fields.update(k_b=fields["k"].new_zeros(batch_size, max_len, self.dim),
-                          s=fields["k"].new_zeros(batch_size, max_len, self.dim))
+                          s=fields["k"].new_zeros(batch_size, max_len, self.dim),
+                          nonfinite_fb=torch.zeros(batch_size, max_len, dtype=torch.bool, device=fields["k"].device))
         return SessaState(**fields)
 
     def state_numbers_per_token(self) -> int:

@@ -4,11 +4,12 @@ A case calls the library (or a command-line tool) with one bad input and states 
 the exception type, and the words its message must contain (the argument or the file at fault).
 Groups: "data_loss" (runs and checkpoints: the bytes on disk are checked as well;
 test_bad_inputs_runs.py), "silent" (inputs that gave a wrong result without a word), "unclear"
-(inputs that failed with a message that did not say what was wrong) and "security". A new group
-(say "nan": NaN-poisoned inputs) is one more table: a list of `Bad` cases in its own
-test_bad_inputs_<group>.py, run with `run_case`, and one more entry in `test_matrix_covers_every_group`
-(test_bad_inputs.py). A case whose input is valid but must give a checked result (NaN in, NaN out
-at the same positions) sets `raises=None` and an `expect(result)` that asserts it.
+(inputs that failed with a message that did not say what was wrong), "security" and "nan" (NaN
+and inf inputs, test_bad_inputs_nan.py). A new group is one more table: a list of `Bad` cases in
+its own test_bad_inputs_<group>.py, run with `run_case`, and one more entry in
+`test_matrix_covers_every_group` (test_bad_inputs.py). A case whose input is valid but must give a
+checked result (NaN in, NaN out at the same positions) sets `raises=None` and an `expect(result)`
+that asserts it.
 
 A command-line case raises SystemExit: its stderr must end with one `<tool>.py: error: ...` line
 (status 1) or argparse's usage error (status 2), without a traceback, naming the argument.

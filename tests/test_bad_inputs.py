@@ -2,7 +2,8 @@
 
 Each case asserts the exception type and that the message names the argument or file at fault
 (tests/bad_inputs.py). The other groups: test_bad_inputs_unclear.py (errors that did not say what
-was wrong), test_bad_inputs_runs.py (data loss, with the bytes on disk checked).
+was wrong), test_bad_inputs_runs.py (data loss, with the bytes on disk checked),
+test_bad_inputs_nan.py (NaN and inf inputs: NaN out at the positions each op's contract names).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from kernels import value_checks
 from kernels.attention import attention
 from kernels.feedback_solve import feedback_solve
 from kernels.ssd import ssd
-from tests import test_bad_inputs_runs, test_bad_inputs_unclear
+from tests import test_bad_inputs_nan, test_bad_inputs_runs, test_bad_inputs_unclear
 from tests.bad_inputs import ROOT, Bad, cli, ctx, finished_run, run_case  # noqa: F401  (fixtures)
 from zoo import gin_config
 from zoo.generate import generate
@@ -305,10 +306,12 @@ def test_bad_input(case: Bad, ctx, capsys, monkeypatch):
 
 def test_matrix_covers_every_group():
     counts = {"data_loss": len(test_bad_inputs_runs.CASES), "silent": len(SILENT),
-              "unclear": len(test_bad_inputs_unclear.UNCLEAR), "security": len(SECURITY)}
+              "unclear": len(test_bad_inputs_unclear.UNCLEAR), "security": len(SECURITY),
+              "nan": len(test_bad_inputs_nan.NAN_CASES)}
     print("bad-input matrix cases per group:", counts, "total", sum(counts.values()))
     assert sum(counts.values()) >= 150 and min(counts.values()) >= 8, counts
-    ids = [c.id for cases in (SILENT, SECURITY, test_bad_inputs_unclear.UNCLEAR, test_bad_inputs_runs.CASES) for c in cases]
+    ids = [c.id for cases in (SILENT, SECURITY, test_bad_inputs_unclear.UNCLEAR, test_bad_inputs_runs.CASES,
+                              test_bad_inputs_nan.NAN_CASES) for c in cases]
     assert len(ids) == len(set(ids)), "case ids must be unique"
 
 

@@ -220,10 +220,12 @@ def test_sizes_per_layer_and_per_token():
     assert long.nbytes_per_sequence() == sum(s.nbytes_per_sequence for s in sizes)
     head_dim, kv_heads = D // 2, 1
     assert [s.numbers_per_token for s in sizes] == [2 * kv_heads * head_dim + 2 * D, 2 * kv_heads * head_dim, None, None]
-    # growth per token = numbers per token x 8 bytes (float64), + 8 bytes of segment-id bookkeeping
+    # growth per token = numbers per token x 8 bytes (float64), + 8 bytes of segment-id bookkeeping, + one
+    # byte of NaN flags per growing cache (kernels.nan_policy: attention's k/v, Sessa's k_b/s too)
+    flags = {"sessa": 2, "attention": 1, "mamba2": 0, "sliding_window": 0}
     for s, t in zip(sizes, short.layer_sizes()):
         grown = (s.nbytes_per_sequence - t.nbytes_per_sequence) / 20
-        assert grown == 8 * (s.numbers_per_token or 0) + 8
+        assert grown == 8 * (s.numbers_per_token or 0) + 8 + flags[s.mixer]
     table = long.describe()
     assert "constant" in table and "SessaState" in table and f"{long.nbytes_per_sequence():,}" in table
     assert repr(long) == "StackCache(batch_size=2, max_len=30, length=0, mixers=['sessa', 'attention', 'mamba2', 'sliding_window'])"

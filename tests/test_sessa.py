@@ -281,7 +281,8 @@ def test_state_layout_and_size():
     assert isinstance(state, SessaState)
     assert state.k.shape == state.v.shape == (3, 10, 2, 4) and state.k_b.shape == state.s.shape == (3, 10, 16)
     assert block.mixer.state_numbers_per_token() == 2 * 2 * 4 + 2 * 16
-    assert state.nbytes_per_sequence() == 10 * (48 * 8 + 8) + 8  # float64 numbers + int64 seq_idx, next_pos
+    # float64 numbers + int64 seq_idx + two bool NaN flags (k/v and k_b/s; kernels.nan_policy) per step, next_pos
+    assert state.nbytes_per_sequence() == 10 * (48 * 8 + 8 + 2) + 8
     assert make_block(H=2, feedback=False).mixer.state_numbers_per_token() == 2 * 16
     with pytest.raises(ValueError, match="max_len=10"):
         block(torch.randn(3, 11, 16, dtype=torch.float64), state=state)

@@ -42,6 +42,15 @@ def _check_model(model: nn.Module) -> int:
     return vocab
 
 
+def _check_finite(logits: Tensor, finished: list[bool], step: int) -> None:
+    """Refuse to sample from NaN or inf logits (a NaN weight or input; greedy would silently pick a
+    NaN's index, sampling would fail inside torch.multinomial) of a row still generating."""
+    bad = [b for b, row_bad in enumerate((~torch.isfinite(logits)).any(dim=-1).tolist()) if row_bad and not finished[b]]
+    if bad:
+        raise ValueError(f"generate: the model's logits are not finite (NaN or inf) for row {bad[0]} at new token "
+                         f"{step}: check the model's weights and the prompt (every op passes NaN on, see kernels.nan_policy)")
+
+
 def _check_stop_tokens(stop_tokens, vocab_size: int) -> set[int]:
     """An int or a sequence of ints in [0, vocab_size) -> a set; errors name stop_tokens."""
     if isinstance(stop_tokens, Tensor):
@@ -183,6 +192,7 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
     finished = [False] * B
     for step in range(max_new_tokens):
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        _check_finite(logits, finished, step)
         if greedy:
             new = logits.argmax(dim=-1)
         else:
