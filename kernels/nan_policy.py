@@ -22,9 +22,11 @@ How (kernels.dispatch.Op runs the op's `nan_guard` around every backend, a user'
      CPU returns zeros for a NaN query row);
   3. mark: reached output positions are set to NaN. Reach is a cumulative count of flagged
      positions, differenced at each step's window / segment start: O(B T) index arithmetic.
-No host sync and no data-dependent shape, so torch.compile traces it into the graph. Cost: one
-pass over each input for the flags, a copy of each input, and a copy of each output when autograd
-records it (in place otherwise). A decoding cache need not be read or copied on every step: the
+On a GPU and under torch.compile: no host sync and no data-dependent shape (the graph holds it
+whole), at the cost of one pass over each input for the flags, a copy of each input, and a copy of
+each output when autograd records it (in place otherwise). On a CPU, outside torch.compile, asking
+whether anything is flagged waits for nothing, so steps 2 and 3 are skipped when nothing is: the
+cost for finite inputs is the flags' pass and O(B T) bookkeeping. A decoding cache need not be read or copied on every step: the
 mixer stores its new entries cleaned, with their flags (`cache_entries`), and hands the flags to
 the op (attention's `nonfinite_kv`, feedback_solve's `nonfinite_past`), which then trusts the
 cached values to be finite. Measured: `python tools/bench.py nan-policy` (docs/training.md).
@@ -78,16 +80,26 @@ def flags(*tensors: Tensor | None, batch_dims: int = 2) -> Tensor | None:
     return None if total is None else ~torch.isfinite(total)
 
 
+def _nothing_flagged(flags: Tensor) -> bool:
+    """True when none of `flags` is set and asking costs no device sync (a CPU tensor outside
+    torch.compile); False otherwise, when the caller does its work unconditionally."""
+    return flags.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(flags.any())
+
+
 def clean(t: Tensor | None, bad: Tensor | None) -> Tensor | None:
-    """t with the positions flagged in `bad` (t's leading dims, or a 0-d flag for all of t) set to 0."""
-    if t is None or bad is None:
+    """t with the positions flagged in `bad` (t's leading dims, or a 0-d flag for all of t) set to 0
+    (t itself when nothing is flagged, on a CPU)."""
+    if t is None or bad is None or _nothing_flagged(bad):
         return t
     return torch.where(bad.reshape(*bad.shape, *([1] * (t.ndim - bad.ndim))), 0, t)
 
 
 def mark(t: Tensor, reached: Tensor) -> Tensor:
     """t with the positions flagged in `reached` (t's leading dims) set to NaN: a backend's result, so
-    in place unless autograd records it (its backward may need it as it is)."""
+    in place unless autograd records it (its backward may need it as it is); t itself when nothing
+    is reached, on a CPU."""
+    if _nothing_flagged(reached):
+        return t
     reached = reached.reshape(*reached.shape, *([1] * (t.ndim - reached.ndim)))
     if t.requires_grad:
         return torch.where(reached, float("nan"), t)
