@@ -4,6 +4,8 @@ Three workloads, one per decay shape the ops take:
     gla           linear_attention with a log decay per key channel (B, T, H, dk)
     retnet        linear_attention with a log decay per head (B, T, H)
     gated-delta   delta_rule with a log decay per head, unit keys, beta in (0, 1)
+    ssd           Mamba-2's ssd (on request: --workloads ssd), state size N = dk, head dim P = dv,
+                  one group of B and C, dt = softplus(N(0, 1) - 4), A in [-1.5, -0.5]
 Defaults: B=4, H=4, dk=32, dv=64 (GLA at width 256: dk = 0.5 * 256 / 4), float32, 2 threads,
 T in 16 32 64 128 256 1024. Each time is the best of --repeats; the backends alternate inside every
 repeat so both see the same machine load; the ratio is reference / chunked (above 1: chunked is
@@ -11,6 +13,7 @@ faster). The reference is skipped above --max-reference-T (it is linear in T; ex
 
     python tools/bench.py recurrence
     python tools/bench.py recurrence --T 256 1024 4096 --max-reference-T 1024
+    python tools/bench.py recurrence --workloads ssd --T 1024 --batch 2 --heads 8 --dk 64 --dv 64
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ import torch.nn.functional as F
 
 from kernels.delta_rule import delta_rule
 from kernels.linear_attention import linear_attention
+from kernels.ssd import ssd
 
-WORKLOADS = ("gla", "retnet", "gated-delta")
+WORKLOADS = ("gla", "retnet", "gated-delta", "ssd")
+OPS = {"gla": linear_attention, "retnet": linear_attention, "gated-delta": delta_rule, "ssd": ssd}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,10 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-reference-T", type=int, default=1024)
-    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS[:3]))
 
 
 def inputs(workload: str, B: int, T: int, H: int, dk: int, dv: int) -> list[torch.Tensor]:
+    if workload == "ssd":  # x, dt, A, B, C
+        return [torch.randn(B, T, H, dv), F.softplus(torch.randn(B, T, H) - 4), -0.5 - torch.rand(H),
+                torch.randn(B, T, 1, dk), torch.randn(B, T, 1, dk)]
     q, v = torch.randn(B, T, H, dk), torch.randn(B, T, H, dv)
     k = F.normalize(torch.randn(B, T, H, dk), dim=-1)
     if workload == "gla":
@@ -51,7 +59,7 @@ def inputs(workload: str, B: int, T: int, H: int, dk: int, dv: int) -> list[torc
 
 
 def timed(workload: str, backend: str, xs: list[torch.Tensor], chunk_size: int, backward: bool) -> float:
-    op = delta_rule if workload == "gated-delta" else linear_attention
+    op = OPS[workload]
     start = time.perf_counter()
     if backward:
         leaves = [x.detach().requires_grad_(True) for x in xs]
