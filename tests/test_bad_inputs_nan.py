@@ -232,3 +232,25 @@ def test_nan_policy_is_stated_in_every_contract_and_documented():
     for op in (attention, feedback_solve, ssd, linear_attention, delta_rule):
         assert "NaN policy" in op.__doc__ and op.nan_guard is not None, op.name
     assert "ZOO_NAN_POLICY" in (ROOT / "docs" / "training.md").read_text()
+
+
+def test_nan_policy_benchmark_table(capsys):
+    """`tools/bench.py nan-policy` times every mixer it is given, on and off, and prints on / off - 1."""
+    import argparse
+
+    from zoo.bench import nan_policy as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    threads = torch.get_num_threads()
+    try:
+        bench.run(parser.parse_args(f"--mixers attention mamba2 --T 8 --batch 1 --dim 32 --heads 2 --steps 2 "
+                                    f"--repeats 1 --threads {threads}".split()))
+    finally:
+        torch.set_num_threads(threads)
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] in (["attention"], ["mamba2"])]
+    assert [(r[0], r[2]) for r in rows] == [(m, c) for m in ("attention", "mamba2") for c in ("fwd", "fwd+bwd", "decode")]
+    for _, _, _, on, off, overhead in rows:
+        on, off = float(on), float(off)
+        rounding = 100 * 0.005 * (1 / off + on / off ** 2)  # the printed times have two decimals
+        assert float(overhead.rstrip("%")) == pytest.approx(100 * (on / off - 1), abs=0.1 + rounding)
