@@ -84,7 +84,7 @@ def _check(op_name, backend, case, dtype, device):
 
     got = _outputs(op(*args, backend=backend, **kwargs))
     want = _outputs(op(*ref_args, backend="reference", **ref_kwargs))
-    tol = tolerance(op_name, dtype)
+    tol = tolerance(op_name, dtype, backend)
     for i, (g, w) in enumerate(zip(got, want)):
         _close(f"output {i}", g, w.detach(), tol)
 

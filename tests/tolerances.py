@@ -31,9 +31,19 @@ OP_OVERRIDES = {
     **{(op, dtype): tol for op in ("linear_attention", "delta_rule") for dtype, tol in _STATE_OPS.items()},
 }
 
+# FLA's Triton kernels (the `fla` backends, CUDA only) multiply float32 operands in TF32, Triton's
+# default on NVIDIA GPUs (float16's 10-bit mantissa), and keep some chunk states in the inputs' dtype:
+# float32 is held to float16-like precision, bfloat16 to the general bfloat16 tolerance. In Triton's
+# CPU interpreter (exact float32 products) they measured up to 2.5e-6 (float32) and 9.4e-4 (float16)
+# on kernels.validation's cases (`python -m tests.fla_interpreter --validation-cases`); not yet on a GPU.
+BACKEND_OVERRIDES = {
+    **{(op, "fla", torch.float32): dict(atol=1e-2, rtol=1e-2) for op in ("linear_attention", "delta_rule")},
+    **{(op, "fla", torch.bfloat16): TOLERANCES[torch.bfloat16] for op in ("linear_attention", "delta_rule")},
+}
 
-def tolerance(op: str, dtype: torch.dtype) -> dict:
-    return OP_OVERRIDES.get((op, dtype), TOLERANCES[dtype])
+
+def tolerance(op: str, dtype: torch.dtype, backend: str | None = None) -> dict:
+    return BACKEND_OVERRIDES.get((op, backend, dtype)) or OP_OVERRIDES.get((op, dtype), TOLERANCES[dtype])
 
 # Converted checkpoints (tests/test_interop_*.py): zoo logits against the upstream model's (float32:
 # measured up to 7.6e-6 on logits up to 27 against Hugging Face's, tools/interop_parity.py) and
