@@ -65,7 +65,8 @@ def without_autocast(fn: Callable[..., Any]) -> Callable[..., Any]:
     the float32 ones. The float32-matmul precision switches (TF32) are left as the caller set them."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        # the first tensor argument, positional or by name (an op may be called as op(q=q, k=k, v=v))
+        device = next(a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
         with torch.autocast(device.type, enabled=False):
             return fn(*args, **kwargs)
     return wrapper

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import OPS
+from kernels import OPS, nan_policy
 from kernels.precision import exact_float32
 from kernels.validation import _floats, _leafy, feedback_case, forward_backward, relative_error, state_case
 
@@ -105,3 +105,19 @@ def test_exact_float32_restores_the_callers_tf32_setting(api):
     finally:
         matmul.fp32_precision = "none"
         torch.set_float32_matmul_precision(saved)
+
+
+@pytest.mark.parametrize("op", ["linear_attention", "delta_rule"])
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_float32_backends_take_keyword_arguments(op, backend):
+    """A backend that switches autocast off finds its inputs' device among keyword arguments too
+    (`op(q=q, k=k, v=v, ...)` used to stop with a bare StopIteration)."""
+    torch.manual_seed(0)
+    B, T, H, d = 1, 5, 2, 4
+    named = dict(q=torch.randn(B, T, H, d), k=torch.nn.functional.normalize(torch.randn(B, T, H, d), dim=-1),
+                 v=torch.randn(B, T, H, d))
+    if op == "delta_rule":
+        named["beta"] = torch.rand(B, T, H)
+    for policy in (True, False):  # the NaN policy's guard passes inputs on positionally; without it, as given
+        with nan_policy.enabled(policy):
+            torch.testing.assert_close(OPS[op](**named, backend=backend), OPS[op](*named.values(), backend=backend))
