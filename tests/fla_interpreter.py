@@ -1,6 +1,7 @@
 """The `fla` backends through the real flash-linear-attention kernels, in Triton's CPU interpreter.
 
-    python -m tests.fla_interpreter                     # one JSON line per case: errors against reference
+    python -m tests.fla_interpreter                     # one JSON line per case: errors against reference,
+                                                        # then the NaN policy around the backends
     python -m tests.fla_interpreter --validation-cases  # kernels.validation's cases, float32 and float16 (minutes)
 
 Needs flash-linear-attention 0.6 and triton installed (`pip install torch==2.13.0 '.[fla,triton]'`);
@@ -114,14 +115,51 @@ def check(op: str, g_kind: str | None, dtype_name: str, c: dict) -> dict:
                 grads=max(relative_error(a, b) for a, b in zip(got_grads, want_grads)))
 
 
-def validation_cases() -> None:
-    """kernels.validation's cases of both ops (what tools/gpu_check.py runs on a GPU) with the CPU checks
-    of the backends lifted, float32 and float16."""
-    from kernels import fla_utils, validation
+# (op, g, the input one element of which is NaN): the NaN policy around the fla backends
+NAN_CASES = [("linear_attention", "key", "k"), ("linear_attention", "head", "q"), ("delta_rule", "head", "beta"),
+             ("delta_rule", None, "v")]
+
+
+def _run_on_cpu() -> None:
+    """Lift the fla backends' CPU refusal (the interpreter runs their kernels here)."""
+    from kernels import fla_utils
 
     fla_utils.supports = lambda *args, **kwargs: None
     for op in ("linear_attention", "delta_rule"):
         kernels.get_op(op).backends["fla"]._availability = (None,)
+
+
+def check_nan(op: str, g_kind: str | None, name: str) -> dict:
+    """Through the op (its NaN policy around the backend), float32, two packed rows, `name` NaN at row 0,
+    step 8 (the middle of a 14-step segment): whether `fla` is NaN exactly where `reference` is, and the
+    error of its finite outputs."""
+    gen = torch.Generator().manual_seed(seed_of(f"nan-{op}-{g_kind}-{name}"))
+    B, T, H, dk, dv = 2, 20, 2, 16, 16
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    inputs = dict(q=r(B, T, H, dk), k=F.normalize(r(B, T, H, dk), dim=-1), v=r(B, T, H, dv))
+    if op == "delta_rule":
+        inputs["beta"] = torch.rand(B, T, H, generator=gen)
+    inputs["g"] = {"key": lambda: F.logsigmoid(r(B, T, H, dk)), "head": lambda: F.logsigmoid(r(B, T, H)),
+                   None: lambda: None}[g_kind]()
+    inputs[name] = inputs[name].clone()
+    inputs[name][0, 8].view(-1)[0] = float("nan")
+    seq_idx, initial_state = torch.tensor([[0] * 5 + [1] + [2] * (T - 6), [3] * 6 + [4] * (T - 6)]), r(B, H, dk, dv)
+    outs = {b: kernels.get_op(op)(*inputs.values(), seq_idx=seq_idx, initial_state=initial_state,
+                                  return_final_state=True, backend=b) for b in ("fla", "reference")}
+    nan_equal = all(torch.equal(torch.isnan(a), torch.isnan(b)) for a, b in zip(outs["fla"], outs["reference"]))
+    finite = [(a[~torch.isnan(b)], b[~torch.isnan(b)]) for a, b in zip(outs["fla"], outs["reference"])]
+    return dict(op=op, g=g_kind, nan_in=name, nan_equal=nan_equal,
+                nan_steps=torch.isnan(outs["fla"][0]).flatten(2).any(-1).nonzero().tolist(),
+                finite_error=max(relative_error(a, b) for a, b in finite))
+
+
+def validation_cases() -> None:
+    """kernels.validation's cases of both ops (what tools/gpu_check.py runs on a GPU) with the CPU checks
+    of the backends lifted, float32 and float16."""
+    from kernels import validation
+
+    _run_on_cpu()
+    for op in ("linear_attention", "delta_rule"):
         for case in validation.CASES[op]:
             for dtype in (torch.float32, torch.float16):
                 r = validation.check_case(op, "fla", case, dtype, torch.device("cpu"))
@@ -137,6 +175,9 @@ def main() -> None:
         return
     for case in CASES:
         print(json.dumps(check(*case)), flush=True)
+    _run_on_cpu()
+    for case in NAN_CASES:
+        print(json.dumps(check_nan(*case)), flush=True)
 
 
 if __name__ == "__main__":

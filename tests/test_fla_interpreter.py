@@ -3,7 +3,8 @@
 Runs tests/fla_interpreter.py in its own process (it adapts Triton and FLA for Triton's interpreter
 process-wide): every mapping path of both backends (g per key channel, per head, none; initial and
 final states; packed rows with initial states; scale; float32 and float16), forward and every
-gradient. Skipped, with the reason, where flash-linear-attention or triton is not installed. The
+gradient; and, through the op, the NaN policy around both backends (a NaN in q, k, v or beta).
+Skipped, with the reason, where flash-linear-attention or triton is not installed. The
 tolerances are about 10x the errors measured with flash-linear-attention 0.6.0 (float32 up to
 1.3e-6, float16 up to 9.4e-4, relative to the largest reference value).
 """
@@ -31,6 +32,10 @@ def test_fla_backends_match_reference_through_real_fla():
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 8, run.stdout
-    bad = [r for r in rows if not max(r["forward"], r["grads"]) <= TOLERANCE[r["dtype"]]]
+    checks, nans = [r for r in rows if "forward" in r], [r for r in rows if "nan_equal" in r]
+    assert len(checks) == 8 and len(nans) == 4, run.stdout
+    bad = [r for r in checks if not max(r["forward"], r["grads"]) <= TOLERANCE[r["dtype"]]]
+    assert not bad, bad
+    # the NaN policy (kernels.nan_policy) holds around FLA's kernels: NaN exactly where reference is
+    bad = [r for r in nans if not (r["nan_equal"] and r["nan_steps"] and r["finite_error"] <= TOLERANCE["float32"])]
     assert not bad, bad

@@ -21,6 +21,8 @@ Declines (with reasons): CPU tensors, float64, dk > 256 (FLA's state kernels ass
 dv in float16 / bfloat16, GPUs below compute capability 7.0 (8.0 for bfloat16). Automatic selection
 skips it inside torch.compile (FLA's entry points are graph breaks); pinned, it runs. FLA's kernels
 multiply float32 operands in TF32 on GPUs that have it.
+NaN and inf: the op's NaN policy (contract) runs around this backend like any other: FLA's kernels
+see the inputs with non-finite positions zeroed, and the op sets the outputs those reach to NaN.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ asserts even head dims there), GPUs below compute capability 7.0 (8.0 for bfloat
 selection skips it inside torch.compile (FLA's entry points are graph breaks); pinned, it runs.
 FLA's kernels multiply float32 operands in TF32 on GPUs that have it: float32 results are close to
 TF32 precision, not full float32.
+NaN and inf: the op's NaN policy (contract) runs around this backend like any other: FLA's kernels
+see the inputs with non-finite positions zeroed, and the op sets the outputs those reach to NaN.
 """
 
 from __future__ import annotations
