@@ -7,6 +7,7 @@ test_blocks.py, test_cache.py and test_packing.py.)"""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 
 import pytest
@@ -243,6 +244,12 @@ def test_info_lists_the_new_ops_backends_and_mixers():
                                  ("D", "deltanet", "DeltaNet"), ("L", "gla", "GatedLinearAttention"),
                                  ("R", "retnet", "MultiScaleRetention")]:
         assert any(line.split()[:2] == [symbol, name] and line.endswith(origin) for line in mixers.splitlines()), name
+    lines = ops.splitlines()
     for op in ("linear_attention", "delta_rule"):
-        backends = [line.split() for line in ops.split(f"\n  {op}\n")[1].splitlines()[:2]]
-        assert backends == [["chunked", "priority", "10", "available"], ["reference", "priority", "0", "available"]], op
+        start = next(i for i, line in enumerate(lines) if line.startswith(f"  {op}  "))
+        rows = [line.split() for line in itertools.takewhile(lambda line: line.startswith("    "), lines[start + 1:])]
+        # every backend in priority order (fla first; on CUDA only), and on CPU `chunked` runs the typical input
+        assert [r[:3] for r in rows] == [["fla", "priority", "40"], ["chunked", "priority", "10"],
+                                         ["reference", "priority", "0"]], (op, rows)
+        if not torch.cuda.is_available():
+            assert rows[1][3] == "picked" and "picks 'chunked'" in lines[start], (op, lines[start])
