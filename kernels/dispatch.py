@@ -160,14 +160,20 @@ def parse_pins(spec: str, source: str = "backends") -> dict[str, str]:
         op, sep, name = (part.strip() for part in item.partition("="))
         if not sep or not op or not name:
             raise ValueError(f"{source} entry {item!r} must look like op=backend")
-        if op not in OPS:
-            raise ValueError(f"{source} entry {item!r}: unknown op {op!r}; valid ops: {', '.join(sorted(OPS))}")
-        try:
-            OPS[op].check_name(name)
-        except BackendError as e:
-            raise ValueError(f"{source} entry {item!r}: {e}") from None
+        check_pin(op, name, f"{source} entry {item!r}")
         pins[op] = name
     return pins
+
+
+def check_pin(op: str, name: str, where: str) -> None:
+    """Raise ValueError (prefixed by `where`) unless `op` is a registered op and `name` one of its
+    backends (or "auto"); the message lists the valid names."""
+    if op not in OPS:
+        raise ValueError(f"{where}: unknown op {op!r}; valid ops: {', '.join(sorted(OPS))}")
+    try:
+        OPS[op].check_name(name)
+    except BackendError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 _env_cache: tuple[str, dict[str, str]] = ("", {})
