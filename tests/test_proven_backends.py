@@ -12,6 +12,7 @@ real libraries.
 from __future__ import annotations
 
 import importlib.machinery
+import importlib.util
 import math
 import sys
 import types
@@ -134,7 +135,7 @@ def test_flash_attn_declines_with_reasons(monkeypatch, fake_flash_attn):
     fake_flash_attn.__version__ = "2.2.5"
     assert "flash-attn 2.2.5 installed; this backend needs >=2.3,<3" == fa_backend._probe()
     monkeypatch.delitem(sys.modules, "flash_attn")
-    monkeypatch.setattr(fa_backend.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert "flash_attn not installed" in fa_backend._probe()
 
 
