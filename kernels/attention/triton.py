@@ -89,6 +89,20 @@ def _query_range(pn, Tq, S, window, HAS_WINDOW: tl.constexpr, BM: tl.constexpr, 
     return tl.maximum(0, pn * BN - (S - Tq)) // BM * BM, hi
 
 
+@jit
+def _row_stats(LSE, DELTA, off, i, Tq):
+    """The forward's log-sum-exp and delta = rowsum(dO * O) of query rows i (0 past Tq)."""
+    return tl.load(LSE + off + i, mask=i < Tq, other=0.0), tl.load(DELTA + off + i, mask=i < Tq, other=0.0)
+
+
+@jit
+def _probs_and_score_grads(q, k, v, do, lse, delta, vis, scale, DOT: tl.constexpr):
+    """Backward tile (BM, BN): probabilities p = exp(q k^T scale - lse) where visible (else 0), and the
+    gradient of the scores ds = p * (dO v^T - delta); dq = ds k, dk = ds^T q (times scale), dv = p^T dO."""
+    p = tl.where(vis, tl.exp(mma(q, tl.trans(k), DOT) * scale - lse[:, None]), 0.0)
+    return p, p * (mma(do, tl.trans(v), DOT) - delta[:, None])
+
+
 @autotune(_FWD_CONFIGS, key=_KEY, interpret=dict(BM=16, BN=16), prune=_prune)
 @jit(do_not_specialize=_LENGTHS)
 def _fwd_kernel(Q, K, V, O, LSE, SEG, Tq, S, H, R, window, scale, D, DV,
@@ -144,17 +158,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, SEG, Tq, S, H, Hkv, R, wi
         h = g * R + r
         for i0 in range(i_lo, i_hi, BM):
             i, pos, seg_q = _query_rows(i0 // BM, Tq, S, SEG, b, ssb, HAS_SEG, BM)
-            rows = i < Tq
             q = load_tile(Q + b * sqb + h * sqh, i, dd, sqt, Tq, D)
             do = load_tile(DO + b * sdb + h * sdh, i, dv, sdt, Tq, DV)
-            lse = tl.load(LSE + (b * H + h) * Tq + i, mask=rows, other=0.0)
-            delta = tl.load(DELTA + (b * H + h) * Tq + i, mask=rows, other=0.0)
-            vis = _visible(pos, j, S, window, seg_q, SEG, b, ssb, HAS_WINDOW, HAS_SEG) & rows[:, None]
-            x = mma(q, tl.trans(k), DOT) * scale
-            p = tl.where(vis, tl.exp(x - lse[:, None]), 0.0)
+            lse, delta = _row_stats(LSE, DELTA, (b * H + h) * Tq, i, Tq)
+            vis = _visible(pos, j, S, window, seg_q, SEG, b, ssb, HAS_WINDOW, HAS_SEG) & (i < Tq)[:, None]
+            p, ds = _probs_and_score_grads(q, k, v, do, lse, delta, vis, scale, DOT)
             dvacc += mma(tl.trans(p), do, DOT)
-            dp = mma(do, tl.trans(v), DOT)
-            ds = p * (dp - delta[:, None])
             dk += mma(tl.trans(ds), q, DOT)
     store_tile(DK + b * skgb + g * skgh, j, dd, skgt, S, D, dk * scale)
     store_tile(DV_ + b * svgb + g * svgh, j, dv, svgt, S, DV, dvacc)
@@ -170,24 +179,19 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEG, Tq, S, H, R, window, scale,
     b, h = split_program(tl.program_id(1), H)
     g = h // R
     i, pos, seg_q = _query_rows(pm, Tq, S, SEG, b, ssb, HAS_SEG, BM)
-    rows = i < Tq
     dd = tl.arange(0, BD)
     dv = tl.arange(0, BDV)
     q = load_tile(Q + b * sqb + h * sqh, i, dd, sqt, Tq, D)
     do = load_tile(DO + b * sdb + h * sdh, i, dv, sdt, Tq, DV)
-    lse = tl.load(LSE + (b * H + h) * Tq + i, mask=rows, other=0.0)
-    delta = tl.load(DELTA + (b * H + h) * Tq + i, mask=rows, other=0.0)
+    lse, delta = _row_stats(LSE, DELTA, (b * H + h) * Tq, i, Tq)
     dq = tl.zeros((BM, BD), dtype=tl.float32)
     lo, hi = _key_range(pm, Tq, S, window, HAS_WINDOW, BM, BN)
     for j0 in range(lo, hi, BN):
         j = j0 + tl.arange(0, BN)
         k = load_tile(K + b * skb + g * skh, j, dd, skt, S, D)
         v = load_tile(V + b * svb + g * svh, j, dv, svt, S, DV)
-        vis = _visible(pos, j, S, window, seg_q, SEG, b, ssb, HAS_WINDOW, HAS_SEG) & rows[:, None]
-        x = mma(q, tl.trans(k), DOT) * scale
-        p = tl.where(vis, tl.exp(x - lse[:, None]), 0.0)
-        dp = mma(do, tl.trans(v), DOT)
-        ds = p * (dp - delta[:, None])
+        vis = _visible(pos, j, S, window, seg_q, SEG, b, ssb, HAS_WINDOW, HAS_SEG) & (i < Tq)[:, None]
+        _, ds = _probs_and_score_grads(q, k, v, do, lse, delta, vis, scale, DOT)
         dq += mma(ds, k, DOT)
     store_tile(DQ + b * sqgb + h * sqgh, i, dd, sqgt, Tq, D, dq * scale)
 
