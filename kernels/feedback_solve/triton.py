@@ -71,17 +71,24 @@ def _padded(n: int) -> int:
 
 # ------------------------------------------------------------------------------------------ kernels
 @jit
+def _rows_dot_keys(A, B, rows, keys, nrows, nkeys, F, sat, sbt,
+                   BR: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr):
+    """(BR, BC) float32 tile of A[rows] . B[keys] over F features, BK at a time (rows >= nrows and keys
+    >= nkeys read as 0); A, B point at one batch row, with row strides sat, sbt."""
+    acc = tl.zeros((BR, BC), dtype=tl.float32)
+    for d0 in range(0, F, BK):
+        dd = d0 + tl.arange(0, BK)
+        a = tl.load(A + rows[:, None] * sat + dd[None, :], mask=(rows[:, None] < nrows) & (dd[None, :] < F), other=0.0)
+        b = tl.load(B + keys[:, None] * sbt + dd[None, :], mask=(keys[:, None] < nkeys) & (dd[None, :] < F), other=0.0)
+        acc += mma(a, tl.trans(b), DOT)
+    return acc
+
+
+@jit
 def _logits(Q, K, SEG, b, rows, keys, T, L, P, DK, scale, sqb, sqt, skb, skt, ssb,
             HAS_SEG: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr):
     """Scaled logits (BR, BC) of new rows `rows` against keys `keys`, -inf where not visible."""
-    acc = tl.zeros((BR, BC), dtype=tl.float32)
-    for d0 in range(0, DK, BK):
-        dd = d0 + tl.arange(0, BK)
-        q = tl.load(Q + b * sqb + rows[:, None] * sqt + dd[None, :],
-                    mask=(rows[:, None] < T) & (dd[None, :] < DK), other=0.0)
-        k = tl.load(K + b * skb + keys[:, None] * skt + dd[None, :],
-                    mask=(keys[:, None] < L) & (dd[None, :] < DK), other=0.0)
-        acc += mma(q, tl.trans(k), DOT)
+    acc = _rows_dot_keys(Q + b * sqb, K + b * skb, rows, keys, T, L, DK, sqt, skt, BR, BC, BK, DOT)
     visible = (keys[None, :] < P + rows[:, None]) & (rows[:, None] < T)
     if HAS_SEG:
         seg_row = tl.load(SEG + b * ssb + P + rows, mask=rows < T, other=-1)
@@ -215,14 +222,7 @@ def _dlogits_kernel(Q, K, SEG, LSE, GAM, U, S, E, DL, DGP, WP, r0, nrows, ncols,
         g = tl.load(GAM + b * T + rows, mask=rows < T, other=0.0)
         e = tl.load(E + b * T + rows, mask=rows < T, other=0.0)
         alpha = tl.where(visible, tl.exp(x - lse[:, None]), 0.0)
-        p = tl.zeros((BR, BC), dtype=tl.float32)
-        for d0 in range(0, D, BK):
-            dd = d0 + tl.arange(0, BK)
-            u = tl.load(U + b * sub + rows[:, None] * sut + dd[None, :],
-                        mask=(rows[:, None] < T) & (dd[None, :] < D), other=0.0)
-            s = tl.load(S + b * s2b + keys[:, None] * s2t + dd[None, :],
-                        mask=(keys[:, None] < L) & (dd[None, :] < D), other=0.0)
-            p += mma(u, tl.trans(s), tl.float32)
+        p = _rows_dot_keys(U + b * sub, S + b * s2b, rows, keys, T, L, D, sut, s2t, BR, BC, BK, tl.float32)
         dl = alpha * (g[:, None] * p - e[:, None])
         dg = tl.sum(alpha * p, 1)
         if HAS_PAST:
