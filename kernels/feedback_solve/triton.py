@@ -15,11 +15,11 @@ Forward
      b. `inverse_kernel` (kernels.triton_tril): (I - W_ii)^-1 of each BT x BT diagonal block (unit lower triangular,
         by repeated squaring: (I - N)^-1 = (I + N)(I + N^2)(I + N^4)...), saved for the backward;
      c. rhs = f + W[:, :P + r0] @ ss[:P + r0]: the cache and all earlier groups, one batched GEMM;
-     d. `_solve_kernel`, parallel over batch and column tiles of D, block row by block row inside
+     d. `solve_kernel` (kernels.triton_tril), parallel over batch and column tiles of D, block row by block row inside
         the group: s_i = (I - W_ii)^-1 (rhs_i + sum_{c < i in group} W_ic s_c).
 Backward, with u = (I - W_new)^-T ds (so df = u):
   3. per group of columns, last group first: W[g0:, P + g0 : P + g1] into a buffer, rhs = ds +
-     W[g1:, group]^T u[g1:] (GEMM), then `_solve_t_kernel`: u_j = (I - W_jj)^-T (rhs_j + sum_{t > j
+     W[g1:, group]^T u[g1:] (GEMM), then `solve_t_kernel`: u_j = (I - W_jj)^-T (rhs_j + sum_{t > j
      in group} W_tj^T u_t), block columns from last to first;
   4. per group of rows: `_dlogits_kernel` recomputes alpha and P[t, j] = <u_t, ss_j> tile by tile
      and writes dlogit[t, j] = alpha[t, j] (gamma_t P[t, j] - e_t) with e_t = <u_t, s_t - f_t>
@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from kernels.feedback_solve.contract import check_inputs, feedback_solve
-from kernels.triton_tril import inverse_kernel
+from kernels.triton_tril import inverse_kernel, solve_kernel, solve_t_kernel
 from kernels.triton_utils import (INTERPRET, Reason, auto_check, autotune, check_tensors, dot_dtype, exact_host_math,
                                   jit, length_bucket, mma, product_dtype, sm_count, tl, triton, triton_probe)
 
@@ -144,60 +144,6 @@ def _weights_kernel(Q, K, SEG, LSE, GAM, W, r0, nrows, c0, ncols, T, L, P, DK, s
     tl.store(W + b * swb + ri[:, None] * swr + cj[None, :], w, mask=(ri[:, None] < nrows) & (cj[None, :] < ncols))
 
 
-@autotune([dict(num_warps=4), dict(num_warps=8)], key=["D"], interpret={})
-@jit(do_not_specialize=_LENGTHS)
-def _solve_kernel(RHS, W, INV, S, blk0, nblk, nrows, col0, row0, D, srb, srr, swb, swr, ssb, sst,
-                  BT: tl.constexpr, BD: tl.constexpr):
-    """Block forward substitution inside a group: S[row0 + rows] = INV_i (RHS_i + sum_{c<i} W_ic S_c)."""
-    pd = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    a = tl.arange(0, BT)
-    dd = pd * BD + tl.arange(0, BD)
-    for i in range(0, tl.cdiv(nrows, BT)):
-        r = i * BT + a
-        acc = tl.load(RHS + b * srb + r[:, None] * srr + dd[None, :],
-                      mask=(r[:, None] < nrows) & (dd[None, :] < D), other=0.0)
-        for c in range(0, i):
-            cr = c * BT + a
-            w = tl.load(W + b * swb + r[:, None] * swr + (col0 + cr)[None, :], mask=r[:, None] < nrows, other=0.0)
-            s = tl.load(S + b * ssb + (row0 + cr)[:, None] * sst + dd[None, :], mask=dd[None, :] < D, other=0.0)
-            acc += mma(w, s, tl.float32)
-        inv = tl.load(INV + ((b * nblk + blk0 + i) * BT + a[:, None]) * BT + a[None, :])
-        s_i = mma(inv, acc, tl.float32)
-        tl.store(S + b * ssb + (row0 + r)[:, None] * sst + dd[None, :], s_i,
-                 mask=(r[:, None] < nrows) & (dd[None, :] < D))
-        tl.debug_barrier()  # the next block reads these rows from memory, maybe in other threads
-
-
-@autotune([dict(num_warps=4), dict(num_warps=8)], key=["D"], interpret={})
-@jit(do_not_specialize=_LENGTHS + ["ncols"])
-def _solve_t_kernel(RHS, W, INV, U, blk0, nblk, ncols, row0, D, srb, srr, swb, swr, sub, sut,
-                    BT: tl.constexpr, BD: tl.constexpr):
-    """Transposed block back substitution inside a group of columns, last block first:
-    U[row0 + cols] = INV_j^T (RHS_j + sum_{c > j} W_cj^T U_c); W holds rows row0.. and the group's columns."""
-    pd = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    a = tl.arange(0, BT)
-    dd = pd * BD + tl.arange(0, BD)
-    nb = tl.cdiv(ncols, BT)
-    for jj in range(0, nb):
-        j = nb - 1 - jj
-        r = j * BT + a
-        acc = tl.load(RHS + b * srb + r[:, None] * srr + dd[None, :],
-                      mask=(r[:, None] < ncols) & (dd[None, :] < D), other=0.0)
-        for c in range(j + 1, nb):
-            cr = c * BT + a
-            w = tl.load(W + b * swb + cr[:, None] * swr + r[None, :], mask=cr[:, None] < ncols, other=0.0)
-            u = tl.load(U + b * sub + (row0 + cr)[:, None] * sut + dd[None, :],
-                        mask=(cr[:, None] < ncols) & (dd[None, :] < D), other=0.0)
-            acc += mma(tl.trans(w), u, tl.float32)
-        inv = tl.load(INV + ((b * nblk + blk0 + j) * BT + a[:, None]) * BT + a[None, :])
-        u_j = mma(tl.trans(inv), acc, tl.float32)
-        tl.store(U + b * sub + (row0 + r)[:, None] * sut + dd[None, :], u_j,
-                 mask=(r[:, None] < ncols) & (dd[None, :] < D))
-        tl.debug_barrier()
-
-
 @autotune([dict(BR=64, num_warps=4, num_stages=2), dict(BR=64, num_warps=8, num_stages=2),
            dict(BR=128, num_warps=8, num_stages=2)], key=["D"] + _TILE_KEY, interpret=dict(BR=16), prune=_prune_tiles)
 @jit(do_not_specialize=_LENGTHS)
@@ -298,7 +244,7 @@ class _FeedbackSolveTriton(torch.autograd.Function):
             if P + r0:
                 rhs = torch.baddbmm(rhs, w[:, :, :P + r0], ss[:, :P + r0])
             rhs = rhs.contiguous()
-            _solve_kernel[(triton.cdiv(D, BD), B)](rhs, w, inv, ss, r0 // BT, nblk, n, P + r0, P + r0, D,
+            solve_kernel[(triton.cdiv(D, BD), B)](rhs, w, inv, ss, r0 // BT, nblk, n, P + r0, P + r0, D,
                                                   rhs.stride(0), rhs.stride(1), w.stride(0), w.stride(1),
                                                   ss.stride(0), ss.stride(1), BT=BT, BD=BD)
         ctx.save_for_backward(f, q, keys, g32, ss, lse, inv, seg)
@@ -337,7 +283,7 @@ class _FeedbackSolveTriton(torch.autograd.Function):
             if g1 < T:
                 rhs = torch.baddbmm(rhs, w[:, ncols:, :ncols].transpose(1, 2), u[:, g1:])
             rhs = rhs.contiguous()
-            _solve_t_kernel[(triton.cdiv(D, BD), B)](rhs, w, inv, u, g0 // BT, nblk, ncols, g0, D,
+            solve_t_kernel[(triton.cdiv(D, BD), B)](rhs, w, inv, u, g0 // BT, nblk, ncols, g0, D,
                                                     rhs.stride(0), rhs.stride(1), w.stride(0), w.stride(1),
                                                     u.stride(0), u.stride(1), BT=BT, BD=BD)
         e = torch.einsum("btd,btd->bt", u, ss[:, P:] - f.float()).contiguous()  # gamma_t sum_j alpha P
