@@ -71,6 +71,15 @@ def _query_rows(pm, Tq, S, SEG, b, ssb, HAS_SEG: tl.constexpr, BM: tl.constexpr)
 
 
 @jit
+def _query_program(Tq, S, H, R, SEG, ssb, HAS_SEG: tl.constexpr, BM: tl.constexpr):
+    """This program's query block pm, batch b, head h and its key/value head g, rows i, positions, segments."""
+    pm = tl.program_id(0)
+    b, h = split_program(tl.program_id(1), H)
+    i, pos, seg_q = _query_rows(pm, Tq, S, SEG, b, ssb, HAS_SEG, BM)
+    return pm, b, h, h // R, i, pos, seg_q
+
+
+@jit
 def _key_range(pm, Tq, S, window, HAS_WINDOW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """[lo, hi): the keys query block pm may see (causal, and within the window), lo a multiple of BN."""
     lo = 0
@@ -109,10 +118,7 @@ def _fwd_kernel(Q, K, V, O, LSE, SEG, Tq, S, H, R, window, scale, D, DV,
                 sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh, ssb, TB,
                 HAS_WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, DOT: tl.constexpr,
                 BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    pm = tl.program_id(0)
-    b, h = split_program(tl.program_id(1), H)
-    g = h // R
-    i, pos, seg_q = _query_rows(pm, Tq, S, SEG, b, ssb, HAS_SEG, BM)
+    pm, b, h, g, i, pos, seg_q = _query_program(Tq, S, H, R, SEG, ssb, HAS_SEG, BM)
     dd = tl.arange(0, BD)
     dv = tl.arange(0, BDV)
     q = load_tile(Q + b * sqb + h * sqh, i, dd, sqt, Tq, D)
@@ -175,10 +181,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEG, Tq, S, H, R, window, scale,
                    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, sqgb, sqgt, sqgh, ssb, TB,
                    HAS_WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, DOT: tl.constexpr,
                    BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    pm = tl.program_id(0)
-    b, h = split_program(tl.program_id(1), H)
-    g = h // R
-    i, pos, seg_q = _query_rows(pm, Tq, S, SEG, b, ssb, HAS_SEG, BM)
+    pm, b, h, g, i, pos, seg_q = _query_program(Tq, S, H, R, SEG, ssb, HAS_SEG, BM)
     dd = tl.arange(0, BD)
     dv = tl.arange(0, BDV)
     q = load_tile(Q + b * sqb + h * sqh, i, dd, sqt, Tq, D)

@@ -97,6 +97,24 @@ def _logits(Q, K, SEG, b, rows, keys, T, L, P, DK, scale, sqb, sqt, skb, skt, ss
     return tl.where(visible, acc * scale, float("-inf")), visible
 
 
+@jit
+def _row_tile(r0, T, BR: tl.constexpr):
+    """This program's tile of the (rows, keys, batch) grid: column tile pc, batch b, rows r0 + ri, the last row."""
+    pr = tl.program_id(0)
+    ri = pr * BR + tl.arange(0, BR)
+    return tl.program_id(1), tl.program_id(2).to(tl.int64), ri, r0 + ri, tl.minimum(r0 + pr * BR + BR, T) - 1
+
+
+@jit
+def _alpha_gamma(Q, K, SEG, LSE, GAM, b, rows, keys, T, L, P, DK, scale, sqb, sqt, skb, skt, ssb,
+                 HAS_SEG: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr):
+    """alpha (BR, BC), the strict-past softmax recomputed from the logits and the saved lse (0 where not
+    visible), and gamma (BR,) of the rows."""
+    x, visible = _logits(Q, K, SEG, b, rows, keys, T, L, P, DK, scale, sqb, sqt, skb, skt, ssb, HAS_SEG, BR, BC, BK, DOT)
+    lse = tl.load(LSE + b * T + rows, mask=rows < T, other=0.0)
+    return tl.where(visible, tl.exp(x - lse[:, None]), 0.0), tl.load(GAM + b * T + rows, mask=rows < T, other=0.0)
+
+
 @autotune(_TILE_CONFIGS, key=_TILE_KEY, interpret=_TILE_INTERPRET, prune=_prune_tiles)
 @jit(do_not_specialize=_LENGTHS)
 def _stats_kernel(Q, K, SEG, LSE, T, L, P, DK, scale, sqb, sqt, skb, skt, ssb, TB,
@@ -125,20 +143,13 @@ def _weights_kernel(Q, K, SEG, LSE, GAM, W, r0, nrows, c0, ncols, T, L, P, DK, s
                     sqb, sqt, skb, skt, ssb, TB, swb, swr,
                     HAS_SEG: tl.constexpr, DOT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
     """W[b, i, j] = gamma_t alpha[t, key] for rows t = r0 + i < r0 + nrows, keys c0 + j < c0 + ncols."""
-    pr = tl.program_id(0)
-    pc = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    ri = pr * BR + tl.arange(0, BR)
+    pc, b, ri, rows, last_row = _row_tile(r0, T, BR)
     cj = pc * BC + tl.arange(0, BC)
-    rows = r0 + ri
     keys = c0 + cj
-    last_row = tl.minimum(r0 + pr * BR + BR, T) - 1
     if c0 + pc * BC < P + last_row:  # the tile holds some visible key
-        x, visible = _logits(Q, K, SEG, b, rows, keys, T, L, P, DK, scale, sqb, sqt, skb, skt, ssb,
-                             HAS_SEG, BR, BC, BK, DOT)
-        lse = tl.load(LSE + b * T + rows, mask=rows < T, other=0.0)
-        g = tl.load(GAM + b * T + rows, mask=rows < T, other=0.0)
-        w = tl.where(visible, tl.exp(x - lse[:, None]), 0.0) * g[:, None]
+        alpha, g = _alpha_gamma(Q, K, SEG, LSE, GAM, b, rows, keys, T, L, P, DK, scale, sqb, sqt, skb, skt, ssb,
+                                HAS_SEG, BR, BC, BK, DOT)
+        w = alpha * g[:, None]
     else:
         w = tl.zeros((BR, BC), dtype=tl.float32)
     tl.store(W + b * swb + ri[:, None] * swr + cj[None, :], w, mask=(ri[:, None] < nrows) & (cj[None, :] < ncols))
@@ -153,21 +164,13 @@ def _dlogits_kernel(Q, K, SEG, LSE, GAM, U, S, E, DL, DGP, WP, r0, nrows, ncols,
                     BR: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
     """For rows r0 + i and keys j < ncols: DL = dlogit, DGP[.., pc] = the tile's part of dgamma,
     WP = W on the cache's columns (keys < P)."""
-    pr = tl.program_id(0)
-    pc = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    ri = pr * BR + tl.arange(0, BR)
+    pc, b, ri, rows, last_row = _row_tile(r0, T, BR)
     keys = pc * BC + tl.arange(0, BC)
-    rows = r0 + ri
     out = (ri[:, None] < nrows) & (keys[None, :] < ncols)
-    last_row = tl.minimum(r0 + pr * BR + BR, T) - 1
     if pc * BC < P + last_row:
-        x, visible = _logits(Q, K, SEG, b, rows, keys, T, L, P, DK, scale, sqb, sqt, skb, skt, ssb,
-                             HAS_SEG, BR, BC, BK, DOT)
-        lse = tl.load(LSE + b * T + rows, mask=rows < T, other=0.0)
-        g = tl.load(GAM + b * T + rows, mask=rows < T, other=0.0)
+        alpha, g = _alpha_gamma(Q, K, SEG, LSE, GAM, b, rows, keys, T, L, P, DK, scale, sqb, sqt, skb, skt, ssb,
+                                HAS_SEG, BR, BC, BK, DOT)
         e = tl.load(E + b * T + rows, mask=rows < T, other=0.0)
-        alpha = tl.where(visible, tl.exp(x - lse[:, None]), 0.0)
         p = _rows_dot_keys(U + b * sub, S + b * s2b, rows, keys, T, L, D, sut, s2t, BR, BC, BK, tl.float32)
         dl = alpha * (g[:, None] * p - e[:, None])
         dg = tl.sum(alpha * p, 1)
