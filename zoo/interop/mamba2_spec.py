@@ -184,7 +184,6 @@ class Mamba2LM:
                 "fused_add_norm": True, "pad_vocab_size_multiple": 1, "tie_embeddings": self.tie_embeddings}
 
 
-
 def _int_expand(expand: float, dim: int, fmt: str) -> int:
     if expand != int(expand):
         raise UnsupportedOptionError(f"cannot export to {FORMAT_NAMES[fmt]}: Mamba2 expand={expand} "

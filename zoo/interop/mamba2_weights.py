@@ -84,7 +84,6 @@ def to_upstream_state_dict(model: CausalLM, fmt: str) -> dict[str, Tensor]:
     return out
 
 
-
 def from_upstream_state_dict(state_dict: Mapping[str, Tensor], model: CausalLM, source: str) -> dict[str, Tensor]:
     """An upstream state dict -> the zoo model's names, checked against the model: every missing,
     unexpected or mis-shaped tensor is named (upstream names) in one error."""
