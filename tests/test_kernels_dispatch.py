@@ -16,6 +16,7 @@ import torch
 import kernels
 from kernels.attention import attention
 from kernels.dispatch import OPS, BackendError, Op, _logged, set_backend, use_backends
+from tests.test_proven_backends import ATTENTION_CASES, assert_attention_equals_reference
 
 
 @pytest.fixture
@@ -202,6 +203,36 @@ def test_xformers_unavailable_without_cuda():
     assert f"pinned backend 'xformers' cannot run ({expected})" in msg
     for name, backend in attention.backends.items():
         assert f"- {name} (priority {backend.priority}): {backend.reason(q, q, q) or 'ok'}" in msg
+
+
+# ---------------------------------------------------------------- xformers backend logic, on CPU
+def memory_efficient_attention_equivalent(query, key, value, attn_bias=None, scale=None):
+    """xformers' documented PyTorch equivalent of memory_efficient_attention, with its 5-D GQA layout
+    ([B, M, G, H, K], k/v expanded with stride 0) and its attention biases materialized."""
+    grouped = query.ndim == 5
+    if grouped:
+        assert key.stride(3) == 0 and value.stride(3) == 0, "xformers GQA expects expanded k/v"
+        G = query.shape[2]
+        query, key, value = (t.flatten(2, 3) for t in (query, key, value))
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    attn = (q * scale) @ k.transpose(-2, -1)
+    if attn_bias is not None:
+        attn = attn + attn_bias.materialize(attn.shape, dtype=attn.dtype, device=attn.device)
+    out = (attn.softmax(-1) @ v).transpose(1, 2)
+    return out.unflatten(2, (G, -1)) if grouped else out
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+@pytest.mark.parametrize("name", list(ATTENTION_CASES))
+def test_xformers_mapping(name, grad, monkeypatch):
+    """The xformers backend's layout and biases, run through xformers' documented equivalent: equal
+    to the reference (GPU kernels are checked by the conformance suite where CUDA is present)."""
+    fmha = pytest.importorskip("xformers.ops.fmha")
+    monkeypatch.setattr(pytest.importorskip("xformers.ops"), "memory_efficient_attention",
+                        memory_efficient_attention_equivalent)
+    assert fmha.attn_bias.BlockDiagonalCausalFromBottomRightMask  # the bias types the backend uses exist
+    assert_attention_equals_reference("xformers", grad, ATTENTION_CASES[name])
 
 
 def test_varlen_blocks_reject_non_contiguous_segments():

@@ -1,9 +1,9 @@
-"""The flash_attn, xformers and mamba_ssm backends' argument mapping, on CPU.
+"""The flash_attn and mamba_ssm backends' argument mapping, on CPU (xformers': tests/test_kernels_dispatch.py,
+on the same ATTENTION_CASES).
 
-These libraries need CUDA, so here each is replaced by a stand-in written from its documented
+Both libraries need CUDA, so here each is replaced by a stand-in written from its documented
 contract (flash-attn's docstrings: bottom-right causal masks, window_size, GQA, varlen cu_seqlens;
-xformers' PyTorch equivalent of memory_efficient_attention with its 5-D GQA layout and attention
-biases; mamba_ssm's mamba_chunk_scan_combined docstring and kernels: the state resets where seq_idx
+mamba_ssm's mamba_chunk_scan_combined docstring and kernels: the state resets where seq_idx
 changes and the initial state belongs to segment id 0). The backends run through the stand-ins in
 float64 and must equal `reference`, forward and gradients; on CUDA the conformance suite runs the
 real libraries.
@@ -107,7 +107,7 @@ def _attention_inputs(c, grad):
     return qkv, kw
 
 
-def _assert_equals_reference(backend: str, grad: bool, case: dict) -> None:
+def assert_attention_equals_reference(backend: str, grad: bool, case: dict) -> None:
     """attention's `backend` through its stand-in equals `reference` in float64, forward and gradients."""
     (q, k, v), kw = _attention_inputs(case, grad)
     with torch.set_grad_enabled(grad):
@@ -123,7 +123,7 @@ def _assert_equals_reference(backend: str, grad: bool, case: dict) -> None:
 @pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
 @pytest.mark.parametrize("name", list(ATTENTION_CASES))
 def test_flash_attn_mapping(name, grad, fake_flash_attn):
-    _assert_equals_reference("flash_attn", grad, ATTENTION_CASES[name])
+    assert_attention_equals_reference("flash_attn", grad, ATTENTION_CASES[name])
 
 
 def test_flash_attn_declines_with_reasons(monkeypatch, fake_flash_attn):
@@ -137,34 +137,6 @@ def test_flash_attn_declines_with_reasons(monkeypatch, fake_flash_attn):
     monkeypatch.delitem(sys.modules, "flash_attn")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert "flash_attn not installed" in fa_backend._probe()
-
-
-# ---------------------------------------------------------------- xformers stand-in
-def memory_efficient_attention_equivalent(query, key, value, attn_bias=None, scale=None):
-    """xformers' documented PyTorch equivalent of memory_efficient_attention, with its 5-D GQA layout
-    ([B, M, G, H, K], k/v expanded with stride 0) and its attention biases materialized."""
-    grouped = query.ndim == 5
-    if grouped:
-        assert key.stride(3) == 0 and value.stride(3) == 0, "xformers GQA expects expanded k/v"
-        G = query.shape[2]
-        query, key, value = (t.flatten(2, 3) for t in (query, key, value))
-    scale = query.shape[-1] ** -0.5 if scale is None else scale
-    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-    attn = (q * scale) @ k.transpose(-2, -1)
-    if attn_bias is not None:
-        attn = attn + attn_bias.materialize(attn.shape, dtype=attn.dtype, device=attn.device)
-    out = (attn.softmax(-1) @ v).transpose(1, 2)
-    return out.unflatten(2, (G, -1)) if grouped else out
-
-
-@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
-@pytest.mark.parametrize("name", list(ATTENTION_CASES))
-def test_xformers_mapping(name, grad, monkeypatch):
-    fmha = pytest.importorskip("xformers.ops.fmha")
-    monkeypatch.setattr(pytest.importorskip("xformers.ops"), "memory_efficient_attention",
-                        memory_efficient_attention_equivalent)
-    assert fmha.attn_bias.BlockDiagonalCausalFromBottomRightMask  # the bias types the backend uses exist
-    _assert_equals_reference("xformers", grad, ATTENTION_CASES[name])
 
 
 # ---------------------------------------------------------------- mamba_ssm stand-in
