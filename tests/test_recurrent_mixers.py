@@ -244,12 +244,10 @@ def test_info_lists_the_new_ops_backends_and_mixers():
                                  ("D", "deltanet", "DeltaNet"), ("L", "gla", "GatedLinearAttention"),
                                  ("R", "retnet", "MultiScaleRetention")]:
         assert any(line.split()[:2] == [symbol, name] and line.endswith(origin) for line in mixers.splitlines()), name
-    lines = ops.splitlines()
     for op in ("linear_attention", "delta_rule"):
-        start = next(i for i, line in enumerate(lines) if line.startswith(f"  {op}  "))
-        rows = [line.split() for line in itertools.takewhile(lambda line: line.startswith("    "), lines[start + 1:])]
-        # every backend in priority order (fla first; on CUDA only), and on CPU `chunked` runs the typical input
-        assert [r[:3] for r in rows] == [["fla", "priority", "40"], ["chunked", "priority", "10"],
-                                         ["reference", "priority", "0"]], (op, rows)
-        if not torch.cuda.is_available():
-            assert rows[1][3] == "picked" and "picks 'chunked'" in lines[start], (op, lines[start])
+        header, *rest = ops.split(f"\n  {op}  ")[1].splitlines()
+        rows = [line.split() for line in itertools.takewhile(lambda line: line.startswith("    "), rest)]
+        assert header.startswith("[typical input "), op
+        assert [r[:3] for r in rows if r[0] in ("chunked", "reference")] == [["chunked", "priority", "10"],
+                                                                            ["reference", "priority", "0"]], op
+        assert all(len(r) > 3 for r in rows), op  # every backend says whether it was picked, or why not
