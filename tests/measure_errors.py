@@ -135,7 +135,7 @@ def run_checks(progress=lambda msg: print(msg, file=sys.stderr, flush=True)) -> 
                 for n in (1, 2):
                     torch.set_num_threads(n)
                     out = CHECK_RUNS[name](dtype)
-                    errors.append(error(out[0].detach(), out[-1]))
+                    errors.append(error(out[0].detach(), out[-1].detach()))
                 k = f"cpu/{name}/{str(dtype).removeprefix('torch.')}"
                 progress(f"{k}: {max(errors):.1e}")
                 rows[k] = dict(error=_round(max(errors)), threads_agree=errors[0] == errors[1], measured_on="cpu")
