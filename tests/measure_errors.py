@@ -10,6 +10,8 @@ over the op's cases, outputs and gradients apart, exactly as the test compares t
 threads (`make test` runs one thread per xdist worker, a plain pytest run two) and the larger kept;
 Triton backends run in the CPU interpreter there (float32 products, whatever the input dtype), on the
 "tiny" cases only. Backends that cannot run on the device are recorded as not measured, with the reason.
+A full CPU run also measures the comparisons of other tests that keep their own tolerance
+(tests/tolerances.py CHECKS: the functions in CHECK_RUNS below, each giving (result, ..., truth)).
 
 tests/tolerances.py sets tolerances at about 10x these numbers; tests/test_tolerances.py fails when one
 drifts out of 3x-30x of its measurement.

@@ -13,7 +13,7 @@ from kernels.packing import seq_idx_from_cu_seqlens, seq_idx_from_padding
 from kernels.ssd import ssd
 from tests.tolerances import CHECKS
 
-TOL = dict(atol=1e-10, rtol=1e-10)
+TOL = dict(atol=4e-14, rtol=4e-14)  # float64: about 10x the largest difference these checks show
 
 
 def make_inputs(Bt, T, H, P, G, N, dtype=torch.float64, seed=0, dt_shift=-1.0):

@@ -14,9 +14,9 @@ Each CPU tolerance is 10x that, rounded up to one significant digit, with two ex
     step, up to 2^-7 = 7.8e-3 of the largest value;
   - where 10x would loosen an older, tighter bfloat16 tolerance that is still 3x the measurement, the
     older one stays (attention and the Triton SSD in bfloat16, whose errors are about one rounding step).
-tests/test_tolerances.py fails when a tolerance is under 3x its measurement or over 30x (or over two
-bfloat16/float32/float64 rounding steps where the measurement is below one), and when a backend the
-suite runs here has no measurement. After changing a backend, rerun the command, commit the json, and
+tests/test_tolerances.py fails when a tolerance is under 3x its measurement or over 30x (where 30x is
+below two rounding steps of the dtype, two steps are allowed), and when a backend the suite runs here
+has no measurement. After changing a backend, rerun the command, commit the json, and
 adjust the number here if that test asks.
 
 Triton backends run in the CPU interpreter here, with float32 products whatever the input dtype: their
