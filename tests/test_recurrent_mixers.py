@@ -243,6 +243,10 @@ def test_info_lists_the_new_ops_backends_and_mixers():
                                  ("D", "deltanet", "DeltaNet"), ("L", "gla", "GatedLinearAttention"),
                                  ("R", "retnet", "MultiScaleRetention")]:
         assert any(line.split()[:2] == [symbol, name] and line.endswith(origin) for line in mixers.splitlines()), name
+    lines = ops.splitlines()
     for op in ("linear_attention", "delta_rule"):
-        backends = [line.split() for line in ops.split(f"\n  {op}\n")[1].splitlines()[:2]]
-        assert backends == [["chunked", "priority", "10", "available"], ["reference", "priority", "0", "available"]], op
+        start = next(i for i, line in enumerate(lines) if line.split()[:1] == [op])
+        rows = [line.split() for line in lines[start + 1:]]
+        rows = rows[:next((i for i, r in enumerate(rows) if not lines[start + 1 + i].startswith("    ")), len(rows))]
+        assert [r[:3] for r in rows] == [["fla", "priority", "40"], ["chunked", "priority", "10"],
+                                         ["reference", "priority", "0"]], op
