@@ -85,7 +85,7 @@ CHECKS = {
 
 # Converted checkpoints (tests/test_interop_*.py): zoo logits against the upstream model's (float32:
 # measured up to 7.6e-6 on logits up to 27 against Hugging Face's, tools/interop_parity.py) and
-# against the independent float64 model in tests/upstream_mamba2.py (float64: measured up to 1.3e-13).
+# against the independent float64 model in zoo/interop/mamba2_reference.py (float64: measured up to 1.3e-13).
 INTEROP = {
     torch.float64: dict(atol=1e-10, rtol=1e-10),
     torch.float32: dict(atol=2e-5, rtol=2e-5),

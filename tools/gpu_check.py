@@ -112,17 +112,9 @@ def row_tolerance(op: str, backend: str, dtype: torch.dtype) -> float:
 # ------------------------------------------------------------------------------------------ speed
 def _time(fn, device: torch.device, repeats: int) -> float:
     """Median milliseconds of fn() after one warm-up call (compilation and autotuning)."""
-    from zoo.bench import sync
+    from zoo.bench import call_seconds
 
-    fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return 1e3 * statistics.median(call_seconds(fn, device, repeats))
 
 
 def _sdpa_kernel_picked(q, k, v) -> str:

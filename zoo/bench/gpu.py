@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from typing import Callable
 
 import torch
 
 import kernels
 from kernels.triton_utils import INTERPRET
-from zoo.bench import DTYPES, sync
+from zoo.bench import DTYPES, call_seconds, sync
 
 BASELINE = {"feedback_solve": "reference", "attention": "sdpa", "ssd": "chunked", "linear_attention": "chunked",
             "delta_rule": "chunked"}
@@ -112,14 +111,7 @@ def _leaves(args, kwargs):
 
 def _measure(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float]:
     """(best milliseconds, peak MiB above what was allocated before) of fn(), after one warm-up call."""
-    fn()  # warm-up: compilation and autotuning
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
+    times = call_seconds(fn, device, repeats)
     peak = math.nan
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
