@@ -80,8 +80,8 @@ def test_auto_classes_load_a_saved_hybrid_with_identical_logits(saved):
         assert torch.equal(loaded(x).logits, model(x))
         ids, mask = left_padded(PROMPTS)
         out = loaded(ids, attention_mask=mask).logits
-        for b, p in enumerate(PROMPTS):  # a padded row computes exactly as the row alone
-            torch.testing.assert_close(out[b, -len(p):], model(torch.tensor([p]))[0], atol=1e-6, rtol=1e-6)
+        for b, p in enumerate(PROMPTS):  # a padded row computes as the row alone, up to float32 summation order
+            torch.testing.assert_close(out[b, -len(p):], model(torch.tensor([p]))[0], atol=7e-6, rtol=7e-6)  # measured 8.9e-7
 
 
 def test_hf_generate_greedy_equals_zoo_generate_on_a_left_padded_batch(saved):

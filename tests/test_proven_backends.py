@@ -28,7 +28,7 @@ from kernels.attention import attention
 from kernels.packing import seq_idx_from_cu_seqlens, seq_idx_from_padding
 from kernels.ssd import ssd
 
-TOL = dict(atol=1e-11, rtol=1e-11)
+TOL = dict(atol=5e-15, rtol=5e-15)  # float64: about 10x the largest difference these checks show
 
 
 # ---------------------------------------------------------------- flash-attn stand-in
