@@ -143,7 +143,7 @@ def _nan_params():
         for op_name, cases in CASES.items():
             for backend in kernels.get_op(op_name).backends:
                 for case in cases:
-                    if _runs(device, backend, case, dtype):
+                    if case_runs(device, backend, case, dtype):
                         yield pytest.param(op_name, backend, case, device, marks=CUDA if device == "cuda" else (),
                                            id=f"{device}-{op_name}-{backend}-{case.id}")
 
