@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench info clean
+.PHONY: demo test test-gpu bench info clean
 
 $(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2
+
+# the CUDA subset (tests marked gpu): every backend vs reference on CUDA, invariants on CUDA, a bf16
+# autocast training run; one process, so Triton compiles each kernel once
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu -rs
 
 bench: $(STAMP)
 	$(PY) tools/bench.py decode

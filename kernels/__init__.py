@@ -7,7 +7,8 @@
     from kernels.delta_rule import delta_rule
 
 Importing `kernels` registers every built-in backend; backends whose dependencies are missing
-register anyway and report themselves unavailable with a reason.
+register anyway and report themselves unavailable with a reason. `kernels.validate()` checks the
+backends that must earn trust on this device (kernels.validation).
 """
 
 import kernels.attention
@@ -15,6 +16,9 @@ import kernels.delta_rule
 import kernels.feedback_solve
 import kernels.linear_attention
 import kernels.ssd
-from kernels.dispatch import AUTO, OPS, Backend, BackendError, Op, get_op, record_choices, set_backend, use_backends
+from kernels.dispatch import (AUTO, OPS, Backend, BackendError, Op, UnvalidatedBackendWarning, get_op, record_choices,
+                              set_backend, use_backends)
+from kernels.validation import validate
 
-__all__ = ["OPS", "AUTO", "Backend", "BackendError", "Op", "get_op", "record_choices", "set_backend", "use_backends"]
+__all__ = ["OPS", "AUTO", "Backend", "BackendError", "Op", "UnvalidatedBackendWarning", "get_op", "record_choices",
+           "set_backend", "use_backends", "validate"]

@@ -7,6 +7,14 @@ inputs, and logs the choice once per (op, backend). An optional `auto(*args, **k
 only automatic selection (a pinned backend still runs), e.g. Triton's slow CPU interpreter.
 An exception raised by a probe or a check becomes that backend's reason; it never escapes dispatch.
 
+Trust is per device. A backend registered with `needs_validation=True` (this project's own GPU
+kernels) is skipped by automatic selection on a device until `kernels.validate()` has checked it
+there against `reference` with the same torch / Triton versions (kernels.validation keeps the
+results in a user cache file); pinning runs it anyway, with a one-time warning.
+
+Under torch.compile the choice is made while tracing and leaves nothing in the graph; its one-time
+log line (and warning) is emitted at trace time.
+
 Pinning, strongest first:
     op(..., backend="sdpa")                     # per call (mixers pass their per-layer choice)
     with use_backends(attention="reference"):    # per block of code
@@ -24,11 +32,15 @@ Registering a backend from user code is one decorator:
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import logging
 import os
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
+
+import torch
 
 log = logging.getLogger("kernels")
 
@@ -38,6 +50,36 @@ AUTO = "auto"
 
 class BackendError(RuntimeError):
     """No backend can run these inputs, or a pinned backend cannot."""
+
+
+class UnvalidatedBackendWarning(UserWarning):
+    """A pinned backend runs on a device where kernels.validate() has not checked it."""
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
+# what a validation result holds for: a device under these versions (read once, at import)
+VERSIONS = f"torch {torch.__version__}, triton {_version('triton')}, CUDA {torch.version.cuda or 'none'}"
+# (device key, op, backend) validated on that device with VERSIONS; filled by kernels.validation
+VALIDATED: set[tuple[str, str, str]] = set()
+
+
+def device_key(device: torch.device) -> str:
+    """The name validation results are stored under: the device's name and the versions in use."""
+    name = torch.cuda.get_device_properties(device).name if device.type == "cuda" else device.type
+    return f"{name} ({VERSIONS})"
+
+
+def _device_of(args: tuple, kwargs: dict) -> torch.device | None:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a.device
+    return None
 
 
 @dataclass
@@ -51,6 +93,7 @@ class Backend:
     probe: Callable[[], Reason]
     supports: Callable[..., Reason]
     auto: Callable[..., Reason] = field(default=lambda *args, **kwargs: None, repr=False)
+    needs_validation: bool = False
     _availability: tuple[Reason] | None = field(default=None, repr=False)
 
     def unavailable_reason(self) -> Reason:
@@ -65,11 +108,28 @@ class Backend:
 
     def reason(self, *args: Any, **kwargs: Any) -> Reason:
         """Why this backend cannot run these inputs, or None if it can."""
-        return self.unavailable_reason() or _checked("supports", self.supports, args, kwargs)
+        return _unavailable(self.op, self.name) or _checked("supports", self.supports, args, kwargs)
 
     def auto_reason(self, *args: Any, **kwargs: Any) -> Reason:
         """Why automatic selection skips this backend for these inputs (pinned, it may still run)."""
-        return self.reason(*args, **kwargs) or _checked("auto", self.auto, args, kwargs)
+        return (self.reason(*args, **kwargs) or _checked("auto", self.auto, args, kwargs)
+                or self.validation_reason(_device_of(args, kwargs)))
+
+    def validation_reason(self, device: torch.device | None) -> Reason:
+        """Why this backend is not trusted on `device` yet (None: trusted, or needs no validation)."""
+        if not self.needs_validation or device is None:
+            return None
+        key = device_key(device)
+        if (key, self.op, self.name) in VALIDATED:
+            return None
+        return f"not validated on {key}: run `python tools/validate.py` (pin to use it anyway)"
+
+
+@torch.compiler.assume_constant_result
+def _unavailable(op: str, backend: str) -> Reason:
+    """OPS[op].backends[backend].unavailable_reason(): dynamo calls it while tracing and keeps the
+    answer as a constant, so probing on the first compiled call adds no guard (and no recompile)."""
+    return OPS[op].backends[backend].unavailable_reason()
 
 
 def _checked(what: str, check: Callable[..., Reason], args: tuple, kwargs: dict) -> Reason:
@@ -87,6 +147,7 @@ def _always(*args: Any, **kwargs: Any) -> Reason:
 _global_pins: dict[str, str] = {}
 _local = threading.local()
 _logged: set[tuple[str, str]] = set()
+_warned: set[tuple[str, str, str]] = set()
 
 
 def parse_pins(spec: str, source: str = "backends") -> dict[str, str]:
@@ -144,17 +205,19 @@ class Op:
         probe: Callable[[], Reason] | None = None,
         supports: Callable[..., Reason] | None = None,
         auto: Callable[..., Reason] | None = None,
+        needs_validation: bool = False,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator: register `fn` as backend `name` of this op (re-registering replaces it).
 
         probe() -> reason or None: can this backend run here at all (called once, lazily);
         supports(*args, **kwargs) -> reason or None: can it run these inputs;
-        auto(*args, **kwargs) -> reason or None: should automatic selection skip it for these inputs.
+        auto(*args, **kwargs) -> reason or None: should automatic selection skip it for these inputs;
+        needs_validation: automatic selection waits for kernels.validate() on each device.
         """
 
         def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
             self.backends[name] = Backend(self.name, name, fn, priority, probe or _always,
-                                          supports or _always, auto or _always)
+                                          supports or _always, auto or _always, needs_validation)
             self._ranked = sorted(self.backends.values(), key=lambda b: -b.priority)
             return fn
 
@@ -190,21 +253,19 @@ class Op:
     def select(self, *args: Any, backend: str | None = None, **kwargs: Any) -> Backend:
         """The backend that would run these inputs (pins honoured)."""
         pin = backend if backend not in (None, AUTO) else self.pinned()
+        untrusted = None
         if pin not in (None, AUTO):
             self.check_name(pin)
             chosen = self.backends[pin]
             why = chosen.reason(*args, **kwargs)
             if why is not None:
                 raise BackendError(self._report(f"pinned backend {pin!r} cannot run ({why})", args, kwargs))
+            untrusted = chosen.validation_reason(_device_of(args, kwargs))
         else:
             chosen = next((b for b in self._ranked if b.auto_reason(*args, **kwargs) is None), None)
             if chosen is None:
                 raise BackendError(self._report("no backend can run these inputs", args, kwargs))
-        for sink in getattr(_local, "recorders", ()):
-            sink.append((self.name, chosen.name))
-        if (self.name, chosen.name) not in _logged:
-            _logged.add((self.name, chosen.name))
-            log.info("%s: using backend %r%s", self.name, chosen.name, " (pinned)" if pin else "")
+        _announce(self.name, chosen.name, pin not in (None, AUTO), untrusted)
         return chosen
 
     def __call__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> Any:
@@ -217,6 +278,39 @@ class Op:
 
 
 OPS: dict[str, Op] = {}
+
+
+def _announce(op: str, backend: str, pinned: bool, untrusted: Reason) -> None:
+    """The side effects of a choice: record_choices sinks, the one-time log line, the one-time warning
+    for an unvalidated pinned backend. Under torch.compile they run once, while tracing, via dynamo's
+    comptime hook, so the traced graph holds only the chosen backend's computation."""
+    if torch.compiler.is_compiling():
+        if _comptime is not None:
+            _comptime(_announce_at_trace)
+    else:
+        _effects(op, backend, pinned, untrusted)
+
+
+def _effects(op: str, backend: str, pinned: bool, untrusted: Reason) -> None:
+    for sink in getattr(_local, "recorders", ()):
+        sink.append((op, backend))
+    if (op, backend) not in _logged:
+        _logged.add((op, backend))
+        log.info("%s: using backend %r%s", op, backend, " (pinned)" if pinned else "")
+    if untrusted is not None and (op, backend, untrusted) not in _warned:
+        _warned.add((op, backend, untrusted))
+        warnings.warn(f"{op}: pinned backend {backend!r} is {untrusted}", UnvalidatedBackendWarning, stacklevel=5)
+
+
+def _announce_at_trace(ctx: Any) -> None:
+    """comptime callback: read _announce's arguments from the frame being traced, apply them now."""
+    _effects(*(ctx.get_local(name).as_python_constant() for name in ("op", "backend", "pinned", "untrusted")))
+
+
+try:  # dynamo's hook for code that runs at trace time (private; without it compiled runs just stay quiet)
+    from torch._dynamo.comptime import comptime as _comptime
+except ImportError:
+    _comptime = None
 
 
 def get_op(name: str) -> Op:

@@ -110,3 +110,33 @@ def segment_starts(seq_idx: Tensor | None, B: int, T: int, device: torch.device)
     if seq_idx is not None:
         starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
     return starts
+
+
+def segment_blocks(seq_idx: Tensor, Tq: int) -> tuple[list[int], list[int], list[int]]:
+    """Segments as the blocks of a variable-length ("varlen") attention kernel, on the host.
+
+    seq_idx (B, S) with the queries the last Tq of the S positions -> (q_lens, kv_lens, kv_starts):
+    one block per (row, segment that holds queries), row by row; kv_starts[b] is where row b's first
+    such segment begins (keys before it are never seen). Reads the ids on the host (one device sync).
+    """
+    S = seq_idx.shape[1]
+    q_lens, kv_lens, kv_starts = [], [], []
+    for b, row in enumerate(seq_idx.tolist()):
+        starts = [0] + [t for t in range(1, S) if row[t] != row[t - 1]]
+        seg_ids = [row[s] for s in starts]
+        if len(set(seg_ids)) != len(seg_ids):
+            raise ValueError(f"seq_idx row {b}: segments must be contiguous in time; got ids {seg_ids} in that order")
+        ends = starts[1:] + [S]
+        kept = [(s, e) for s, e in zip(starts, ends) if e > S - Tq]
+        kv_starts.append(kept[0][0])
+        for s, e in kept:
+            q_lens.append(e - max(s, S - Tq))
+            kv_lens.append(e - s)
+    return q_lens, kv_lens, kv_starts
+
+
+def varlen_keys(t: Tensor, kv_starts: list[int]) -> Tensor:
+    """(B, S, ...) -> (sum over rows of S - kv_starts[b], ...): each row's keys from kv_starts[b] on, rows concatenated."""
+    if not any(kv_starts):
+        return t.flatten(0, 1)
+    return torch.cat([t[b, s:] for b, s in enumerate(kv_starts)])

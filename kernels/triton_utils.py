@@ -15,8 +15,9 @@ A CPU-only user without TRITON_INTERPRET never gets a Triton backend: the probe 
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -44,24 +45,76 @@ INTERPRET = triton is not None and _interpret_flag()
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def jit(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`triton.jit`; the plain function when triton is not installed (the probe then refuses to run)."""
-    return triton.jit(fn) if triton is not None else fn
+def jit(fn: Callable[..., Any] | None = None, *, do_not_specialize: tuple[str, ...] | list[str] = ()) -> Any:
+    """`triton.jit` (as `@jit` or `@jit(do_not_specialize=[...])`); the plain function when triton is not
+    installed (the probe then refuses to run).
+
+    `do_not_specialize` names integer arguments that vary from call to call (lengths, offsets, row
+    starts): Triton otherwise compiles one variant per value class (== 1, divisible by 16, other)."""
+    if fn is None:
+        return lambda f: jit(f, do_not_specialize=do_not_specialize)
+    if triton is None:
+        return fn
+    return triton.jit(fn, do_not_specialize=list(do_not_specialize)) if do_not_specialize else triton.jit(fn)
 
 
-def autotune(configs: list[dict[str, Any]], key: list[str], interpret: dict[str, Any]) -> Callable[[Any], Any]:
-    """`triton.autotune` over `configs` (dicts of meta-parameters, plus num_warps / num_stages).
+_AUTOTUNED: list[Any] = []  # every autotuner built here (single_config switches them all)
+_single = False
+LENGTH_BUCKETS = (256, 1024, 4096, 16384)  # autotune keys see a length only as its bucket
 
-    The interpreter cannot benchmark several configs: there the single config `interpret` is used
-    (small blocks: the interpreter's cost grows with the block size, and test shapes are tiny).
-    """
+
+def length_bucket(n: int) -> int:
+    """The autotune key of a length: the smallest of LENGTH_BUCKETS >= n (or the largest). Configs tuned
+    at T = 257 are not reused at T = 16384, and a handful of buckets keeps the tuning runs few."""
+    return next((b for b in LENGTH_BUCKETS if n <= b), LENGTH_BUCKETS[-1])
+
+
+def autotune(configs: list[dict[str, Any]], key: list[str], interpret: dict[str, Any],
+             prune: Callable[[list[dict[str, Any]], dict[str, Any]], list[dict[str, Any]]] | None = None
+             ) -> Callable[[Any], Any]:
+    """`triton.autotune` over `configs` (dicts of meta-parameters, plus num_warps / num_stages), first
+    config first: it is the one used when a single config is wanted (`single_config`).
+
+    `prune(configs, args)` drops configs that cannot suit these arguments (args: the kernel's arguments
+    by name); it must keep at least one. The interpreter cannot benchmark several configs: there the
+    single config `interpret` is used (small blocks: its cost grows with the block size)."""
     if triton is None:
         return lambda fn: fn
     if INTERPRET:
-        configs = [interpret]
+        configs, prune = [interpret], None
     built = [triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
                            num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 2)) for c in configs]
-    return triton.autotune(configs=built, key=key)
+
+    def early_prune(candidates: list[Any], named_args: dict[str, Any], **kwargs: Any) -> list[Any]:
+        if prune is not None:
+            as_dicts = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in candidates]
+            kept = prune(as_dicts, {**named_args, **kwargs})
+            candidates = [c for c, d in zip(candidates, as_dicts) if d in kept] or candidates[:1]
+        return candidates[:1] if _single else candidates
+
+    def deco(fn: Any) -> Any:
+        tuner = triton.autotune(configs=built, key=key, prune_configs_by={"early_config_prune": early_prune})(fn)
+        _AUTOTUNED.append(tuner)
+        return tuner
+
+    return deco
+
+
+@contextlib.contextmanager
+def single_config() -> Iterator[None]:
+    """Inside: every autotuned kernel takes its first config that suits the inputs, without tuning
+    (one compilation per kernel variant instead of one per config: quick correctness checks).
+    Choices made inside are forgotten on exit, so later calls tune normally."""
+    global _single
+    for tuner in _AUTOTUNED:
+        tuner.cache.clear()
+    _single = True
+    try:
+        yield
+    finally:
+        _single = False
+        for tuner in _AUTOTUNED:
+            tuner.cache.clear()
 
 
 def triton_probe() -> Reason:
@@ -73,9 +126,13 @@ def triton_probe() -> Reason:
     return "needs CUDA (or TRITON_INTERPRET=1, set before importing kernels, for the slow CPU interpreter)"
 
 
-def check_tensors(*tensors: Tensor | None) -> Reason:
-    """Device and dtype checks shared by the Triton backends' `supports` (None entries are skipped)."""
-    given = [t for t in tensors if t is not None]
+def check_tensors(*tensors: Tensor | None, scalars: tuple[Tensor | None, ...] = ()) -> Reason:
+    """Device and dtype checks shared by the Triton backends' `supports` (None entries are skipped).
+
+    `tensors` enter the kernels' products and must share one floating dtype; `scalars` (step sizes,
+    gains, states: converted to float32 inside) may have any supported floating dtype, as under
+    autocast, where a layer hands over bfloat16 activations with float32 per-step scalars."""
+    given = [t for t in (*tensors, *scalars) if t is not None]
     devices = {t.device for t in given}
     if len(devices) > 1:
         return f"inputs must share one device; got {sorted(str(d) for d in devices)}"
@@ -85,20 +142,54 @@ def check_tensors(*tensors: Tensor | None) -> Reason:
     if device.type not in ("cpu", "cuda"):
         return f"device {device.type} not supported (CUDA, or CPU in the interpreter)"
     floats = [t for t in given if t.is_floating_point()]
-    dtype = floats[0].dtype
-    if dtype == torch.float64:
+    if any(t.dtype == torch.float64 for t in floats):
         return "float64 not supported (the kernels compute in float32; use reference)"
-    if dtype not in DTYPES:
-        return f"{dtype} not supported (float32, bfloat16, float16)"
-    if any(t.dtype != dtype for t in floats):
-        return f"floating inputs must share one dtype; got {sorted({str(t.dtype) for t in floats})}"
+    if any(t.dtype not in DTYPES for t in floats):
+        return f"{sorted({str(t.dtype) for t in floats} - {str(d) for d in DTYPES})} not supported (float32, bfloat16, float16)"
+    main = {t.dtype for t in tensors if t is not None and t.is_floating_point()}
+    if len(main) > 1:
+        return f"floating inputs must share one dtype; got {sorted(str(d) for d in main)}"
     if device.type == "cuda" and not INTERPRET:
-        major, _ = torch.cuda.get_device_capability(device)
-        if major < 8 and dtype == torch.bfloat16:
+        major = torch.cuda.get_device_properties(device).major
+        if major < 8 and torch.bfloat16 in {t.dtype for t in floats}:
             return "bfloat16 needs a GPU of compute capability >= 8.0"
         if major < 7:
             return "needs a GPU of compute capability >= 7.0"
     return None
+
+
+def product_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype the tensor-core products run in: the inputs' dtype, or autocast's dtype when autocast
+    is on for their device and they arrive in float32 (as torch's own matmuls would)."""
+    dtype = tensors[0].dtype
+    device = tensors[0].device.type
+    if dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return dtype
+
+
+@contextlib.contextmanager
+def exact_host_math(device: torch.device) -> Iterator[None]:
+    """Host-side PyTorch math of a backend in full float32: autocast off (it would run matmuls in
+    bfloat16) and TF32 off whatever `torch.set_float32_matmul_precision` says (TF32 keeps 10 mantissa
+    bits; the feedback solve amplifies errors by up to 1 / (1 - gamma_max)). The caller's setting is
+    restored through the API it was made with (torch refuses reads that mix its old and new APIs)."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        saved, attr, exact = matmul.allow_tf32, "allow_tf32", False
+    except RuntimeError:  # the caller used the newer fp32_precision API
+        saved, attr, exact = matmul.fp32_precision, "fp32_precision", "ieee"
+    setattr(matmul, attr, exact)
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        setattr(matmul, attr, saved)
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; an H100's 132 otherwise (compile-only runs on a CPU)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 def auto_check(*args: Any, **kwargs: Any) -> Reason:
@@ -126,6 +217,26 @@ def mma(a, b, DOT: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a.to(DOT), b.to(DOT))
+
+
+@jit
+def load_tile(PTR, rows, cols, row_stride, nrows, ncols):
+    """Tile PTR[rows, cols] (unit column stride; 0 where rows >= nrows or cols >= ncols), in PTR's type."""
+    mask = (rows[:, None] < nrows) & (cols[None, :] < ncols)
+    return tl.load(PTR + rows[:, None] * row_stride + cols[None, :], mask=mask, other=0.0)
+
+
+@jit
+def store_tile(PTR, rows, cols, row_stride, nrows, ncols, x):
+    """PTR[rows, cols] = x, cast to PTR's type, where rows < nrows and cols < ncols."""
+    mask = (rows[:, None] < nrows) & (cols[None, :] < ncols)
+    tl.store(PTR + rows[:, None] * row_stride + cols[None, :], x.to(PTR.dtype.element_ty), mask=mask)
+
+
+@jit
+def split_program(pid, H):
+    """Program index over (batch x heads) -> (batch as int64, head): 64-bit batch offsets."""
+    return (pid // H).to(tl.int64), pid % H
 
 
 def next_pow2(n: int, lo: int = 16) -> int:

@@ -1,4 +1,9 @@
-"""Random input cases for every op, shared by the conformance suite (never zeros)."""
+"""Random input cases for every op, shared by the conformance suite (never zeros).
+
+Tags: "tiny" cases also run the Triton backends in the CPU interpreter; "gpu" cases run on CUDA only
+(sizes that matter there: the feedback solve's row groups, head dims up to 256, P = N = 128);
+"large" cases run in half precision only (their float32 Triton kernels take minutes to compile).
+"""
 
 from __future__ import annotations
 
@@ -31,8 +36,28 @@ def _packed(lengths, device):
     return seq_idx_from_cu_seqlens(cu)
 
 
+def strided_view(t: torch.Tensor, pad: int) -> torch.Tensor:
+    """The values of t as a non-contiguous view: a slice of a wider random buffer (the last dim
+    keeps stride 1, every other stride grows by `pad`; 1-D tensors get stride 2), as when a layer
+    splits one projection into several inputs. Different pads give inputs different strides."""
+    if t.ndim == 1:
+        wide = torch.randn(2 * t.shape[0], dtype=torch.float64).to(dtype=t.dtype, device=t.device)
+        wide[::2] = t
+        return wide[::2]
+    wide = torch.randn(*t.shape[:-1], t.shape[-1] + pad, dtype=torch.float64).to(dtype=t.dtype, device=t.device)
+    wide[..., :t.shape[-1]] = t
+    return wide[..., :t.shape[-1]]
+
+
+def _strided_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Every float input as a strided view, each with its own strides."""
+    pads = iter(range(1, 100, 2))
+    view = lambda t: strided_view(t, next(pads)) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+    return tuple(view(a) for a in args), {k: view(v) for k, v in kwargs.items()}
+
+
 # ---------------------------------------------------------------- attention
-def attention_case(B, Tq, S, H, Hkv, d, window=None, packed=None, tags=()):
+def attention_case(B, Tq, S, H, Hkv, d, window=None, packed=None, strided=False, tags=()):
     def make(dtype, device):
         torch.manual_seed(seed_of(name))
         kw = {}
@@ -40,9 +65,11 @@ def attention_case(B, Tq, S, H, Hkv, d, window=None, packed=None, tags=()):
             kw["window"] = window
         if packed is not None:
             kw["seq_idx"] = _packed(packed, device).expand(B, S).contiguous()
-        return (_r(B, Tq, H, d, dtype=dtype, device=device), _r(B, S, Hkv, d, dtype=dtype, device=device),
-                _r(B, S, Hkv, d, dtype=dtype, device=device)), kw
-    name = f"B{B}-Tq{Tq}-S{S}-H{H}-Hkv{Hkv}-d{d}" + (f"-w{window}" if window else "") + ("-packed" if packed else "")
+        args = (_r(B, Tq, H, d, dtype=dtype, device=device), _r(B, S, Hkv, d, dtype=dtype, device=device),
+                _r(B, S, Hkv, d, dtype=dtype, device=device))
+        return _strided_inputs(args, kw) if strided else (args, kw)
+    name = (f"B{B}-Tq{Tq}-S{S}-H{H}-Hkv{Hkv}-d{d}" + (f"-w{window}" if window else "") + ("-packed" if packed else "")
+            + ("-strided" if strided else ""))
     return Case(name, make, set(tags))
 
 
@@ -54,11 +81,14 @@ ATTENTION_CASES = [
     attention_case(2, 3, 12, 4, 4, 32, tags={"tiny"}),  # decoding: queries are the last 3 of 12 keys
     attention_case(2, 19, 19, 2, 2, 32, window=5),
     attention_case(1, 20, 20, 2, 1, 32, packed=[7, 1, 12], tags={"tiny", "packed"}),
+    attention_case(2, 9, 13, 4, 2, 32, window=6, strided=True, tags={"tiny", "strided"}),
+    attention_case(2, 300, 300, 4, 1, 128, window=100, packed=[100, 1, 199], tags={"gpu", "packed"}),
+    attention_case(1, 70, 70, 2, 1, 256, strided=True, tags={"gpu", "large", "strided"}),
 ]
 
 
 # ---------------------------------------------------------------- feedback_solve
-def feedback_case(B, T, D, Dk=None, P=0, packed=None, gamma_max=0.999, tags=()):
+def feedback_case(B, T, D, Dk=None, P=0, packed=None, gamma_max=0.999, strided=False, tags=()):
     Dk = Dk or D
 
     def make(dtype, device):
@@ -71,9 +101,11 @@ def feedback_case(B, T, D, Dk=None, P=0, packed=None, gamma_max=0.999, tags=()):
             kw["past_s"] = _r(B, P, D, dtype=dtype, device=device)
         if packed is not None:
             kw["seq_idx"] = _packed(packed, device).expand(B, P + T).contiguous()
-        return (_r(B, T, D, dtype=dtype, device=device), _r(B, T, Dk, dtype=dtype, device=device),
-                _r(B, T, Dk, dtype=dtype, device=device), gamma), kw
-    name = f"B{B}-T{T}-D{D}" + (f"-P{P}" if P else "") + ("-packed" if packed else "")
+        args = (_r(B, T, D, dtype=dtype, device=device), _r(B, T, Dk, dtype=dtype, device=device),
+                _r(B, T, Dk, dtype=dtype, device=device), gamma)
+        return _strided_inputs(args, kw) if strided else (args, kw)
+    name = (f"B{B}-T{T}-D{D}" + (f"-Dk{Dk}" if Dk != D else "") + (f"-P{P}" if P else "") + ("-packed" if packed else "")
+            + ("-strided" if strided else ""))
     return Case(name, make, set(tags))
 
 
@@ -87,17 +119,20 @@ FEEDBACK_CASES = [
     feedback_case(2, 40, 100),
     feedback_case(2, 3, 32, P=9, tags={"tiny"}),  # chunked prefill / decoding against a cache
     feedback_case(1, 21, 32, packed=[6, 1, 14], tags={"tiny", "packed"}),
+    feedback_case(2, 18, 24, Dk=16, P=4, strided=True, tags={"tiny", "strided"}),
     # the chunked backend's block boundaries at its default C = 128: C - 1, C, C + 1, and several
     # blocks with a cache and segments that start mid-block
     feedback_case(1, 127, 16),
     feedback_case(1, 128, 16),
     feedback_case(1, 129, 16, Dk=8),
     feedback_case(1, 300, 16, P=5, packed=[40, 1, 150, 114], tags={"packed"}),
+    feedback_case(1, 600, 64, tags={"gpu"}),  # crosses the Triton solve's 512-row groups
+    feedback_case(2, 300, 128, P=40, packed=[100, 1, 239], strided=True, tags={"gpu", "packed", "strided"}),
 ]
 
 
 # ---------------------------------------------------------------- ssd
-def ssd_case(B, T, H, P, G, N, init=False, packed=None, chunk_size=16, tags=()):
+def ssd_case(B, T, H, P, G, N, init=False, packed=None, chunk_size=16, strided=False, tags=()):
     def make(dtype, device):
         torch.manual_seed(seed_of(name))
         kw = dict(chunk_size=chunk_size)
@@ -107,9 +142,11 @@ def ssd_case(B, T, H, P, G, N, init=False, packed=None, chunk_size=16, tags=()):
             kw["seq_idx"] = _packed(packed, device).expand(B, T).contiguous()
         dt = torch.nn.functional.softplus(torch.randn(B, T, H) - 1).to(dtype=dtype, device=device)
         A = (-torch.exp(torch.randn(H) * 0.5)).to(dtype=dtype, device=device)
-        return (_r(B, T, H, P, dtype=dtype, device=device), dt, A, _r(B, T, G, N, dtype=dtype, device=device),
-                _r(B, T, G, N, dtype=dtype, device=device)), kw
-    name = f"B{B}-T{T}-H{H}-P{P}-G{G}-N{N}-c{chunk_size}" + ("-init" if init else "") + ("-packed" if packed else "")
+        args = (_r(B, T, H, P, dtype=dtype, device=device), dt, A, _r(B, T, G, N, dtype=dtype, device=device),
+                _r(B, T, G, N, dtype=dtype, device=device))
+        return _strided_inputs(args, kw) if strided else (args, kw)
+    name = (f"B{B}-T{T}-H{H}-P{P}-G{G}-N{N}-c{chunk_size}" + ("-init" if init else "") + ("-packed" if packed else "")
+            + ("-strided" if strided else ""))
     return Case(name, make, set(tags))
 
 
@@ -120,6 +157,9 @@ SSD_CASES = [
     ssd_case(2, 37, 4, 8, 2, 16, chunk_size=16),
     ssd_case(2, 20, 2, 8, 1, 8, init=True, chunk_size=8, tags={"tiny"}),
     ssd_case(1, 23, 2, 8, 1, 8, packed=[5, 1, 17], chunk_size=8, tags={"tiny", "packed"}),
+    ssd_case(2, 21, 4, 8, 2, 16, init=True, strided=True, tags={"tiny", "strided"}),
+    ssd_case(2, 300, 4, 64, 2, 64, init=True, packed=[100, 1, 199], chunk_size=64, tags={"gpu", "packed"}),
+    ssd_case(1, 200, 2, 128, 1, 128, chunk_size=64, strided=True, tags={"gpu", "large", "strided"}),
 ]
 
 

@@ -7,9 +7,15 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tensors in the interpreter
+# Without CUDA, Triton kernels run on CPU tensors in the interpreter; with CUDA they run natively
+# (the CPU cases then skip them with their reason, the gpu-marked cases run them on the GPU).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from zoo import gin_config  # noqa: E402  (after TRITON_INTERPRET: importing zoo imports kernels)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where device-generic tests build their inputs
+NEEDS_CUDA = "needs CUDA: torch.cuda.is_available() is False here"
 
 # one thread per xdist worker (make test runs 2 workers on 2 cores), else up to 2
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))

@@ -1,7 +1,13 @@
-"""Every backend of every op against the `reference` backend: forward and gradients, per dtype.
+"""Every backend of every op against the `reference` backend: forward and gradients, per dtype and
+device, driven by tests/cases.py and the registry (new ops and backends are covered when they appear).
 
-Unavailable backends and inputs a backend declines are skipped with the backend's own reason.
-Backends whose name contains "triton" run only the cases tagged "tiny" (the CPU interpreter is slow).
+cpu: float64, float32, bfloat16; backends whose name contains "triton" run only the cases tagged
+"tiny" (Triton's CPU interpreter is slow), and only where the interpreter is on.
+cuda (marker `gpu`, `make test-gpu`): float32, bfloat16, float16 on every case, "gpu" cases too,
+"large" ones in half precision only; Triton kernels run natively, one autotune config each
+(kernels.triton_utils.single_config: one compilation per kernel variant). Collected everywhere,
+skipped without CUDA with the reason. Unavailable backends and inputs a backend declines are skipped
+with the backend's own reason.
 """
 
 from __future__ import annotations
@@ -10,24 +16,33 @@ import pytest
 import torch
 
 import kernels
+from kernels.triton_utils import single_config
 from tests.cases import CASES
+from tests.conftest import NEEDS_CUDA
 from tests.tolerances import tolerance
 
-DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+DTYPES = {"cpu": [torch.float64, torch.float32, torch.bfloat16],
+          "cuda": [torch.float32, torch.bfloat16, torch.float16]}
+CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason=NEEDS_CUDA)]
+
+
+def _runs(device, backend, case, dtype):
+    if device == "cpu":
+        return "gpu" not in case.tags and ("triton" not in backend or "tiny" in case.tags)
+    return "large" not in case.tags or dtype != torch.float32
 
 
 def _params():
-    for op_name, cases in CASES.items():
-        op = kernels.get_op(op_name)
-        for backend in op.backends:
-            if backend == "reference":
-                continue
-            for case in cases:
-                if "triton" in backend and "tiny" not in case.tags:
+    for device in DTYPES:
+        for op_name, cases in CASES.items():
+            for backend in kernels.get_op(op_name).backends:
+                if backend == "reference":
                     continue
-                for dtype in DTYPES:
-                    yield pytest.param(op_name, backend, case, dtype,
-                                       id=f"{op_name}-{backend}-{case.id}-{str(dtype)[6:]}")
+                for case in cases:
+                    for dtype in DTYPES[device]:
+                        if _runs(device, backend, case, dtype):
+                            yield pytest.param(op_name, backend, case, dtype, device, marks=CUDA if device == "cuda" else (),
+                                               id=f"{device}-{op_name}-{backend}-{case.id}-{str(dtype)[6:]}")
 
 
 def _outputs(result):
@@ -46,10 +61,15 @@ def _close(name, got, want, tol):
     torch.testing.assert_close(got.double() / scale, want.double() / scale, msg=lambda m: f"{name}: {m}", **tol)
 
 
-@pytest.mark.parametrize("op_name,backend,case,dtype", list(_params()))
-def test_backend_matches_reference(op_name, backend, case, dtype, nan_poison):
+@pytest.mark.parametrize("op_name,backend,case,dtype,device", list(_params()))
+def test_backend_matches_reference(op_name, backend, case, dtype, device, nan_poison):
+    with single_config():
+        _check(op_name, backend, case, dtype, device)
+
+
+def _check(op_name, backend, case, dtype, device):
     op = kernels.get_op(op_name)
-    args, kwargs = case.make(dtype, "cpu")
+    args, kwargs = case.make(dtype, device)
     for t in _float_inputs(args, kwargs):
         t.requires_grad_(True)
     why = op.backends[backend].reason(*args, **kwargs)

@@ -180,7 +180,8 @@ def test_user_registers_an_attention_backend_with_one_decorator(restore_attentio
 # ---------------------------------------------------------------- the attention op's built-in backends
 def test_attention_backends_ranked():
     names = list(attention.reasons(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)))
-    assert names[-2:] == ["sdpa", "reference"]
+    assert names[-1] == "reference"
+    assert names.index("sdpa") < names.index("triton")  # our own kernels rank below torch's until measured
     assert attention.backends["sdpa"].priority > attention.backends["reference"].priority
 
 
@@ -267,8 +268,8 @@ def test_xformers_backend_logic_on_cpu(name, grad, monkeypatch):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
-def test_xformers_rejects_non_contiguous_segments():
-    from kernels.attention.xformers import _blocks
+def test_varlen_blocks_reject_non_contiguous_segments():
+    from kernels.packing import segment_blocks
 
     with pytest.raises(ValueError, match="row 0: segments must be contiguous"):
-        _blocks(torch.tensor([[0, 0, 1, 0]]), 4)
+        segment_blocks(torch.tensor([[0, 0, 1, 0]]), 4)

@@ -15,6 +15,7 @@ import torch
 
 import kernels
 import kernels.feedback_solve.triton as fb_triton
+from kernels.triton_tril import inverse_kernel
 from kernels.attention import attention
 from kernels.feedback_solve import feedback_solve
 from kernels.ssd import ssd
@@ -172,3 +173,86 @@ def test_decoding_shapes_not_auto_selected():
     assert "decoding query" in attention.backends["triton"].auto_reason(qa, ka, ka)
     _check_against_reference(feedback_solve, (f, q, q, torch.rand(1, 1)), kw)
     _check_against_reference(attention, (qa, ka, ka), {})
+
+
+# ---------------------------------------------------------------- fixes from compiling for sm_90
+def test_inverse_kernel_from_16x16_pieces():
+    """The 64 x 64 diagonal inverses (built from 16 x 16 pieces on the GPU) equal (I - N)^-1, with
+    rows past the end masked; run at BT = 64 and 16 in the interpreter."""
+    torch.manual_seed(0)
+    for BT in (16, 64):
+        B, n, col0 = 2, 2 * BT - 5, 7
+        W = torch.randn(B, n, 300) * 0.3
+        inv = torch.full((B, 3, BT, BT), float("nan"))
+        inverse_kernel[(2, B)](W, inv, 1, 3, n, col0, W.stride(0), W.stride(1), BT=BT)
+        for b in range(B):
+            for i in range(2):
+                r = torch.arange(i * BT, (i + 1) * BT)
+                ok = r < n
+                rc = r.clamp(max=n - 1)
+                N = torch.where(ok[:, None] & ok[None, :], W[b][rc][:, col0 + rc], 0).tril(-1)
+                torch.testing.assert_close(inv[b, 1 + i], torch.linalg.inv(torch.eye(BT) - N), atol=1e-5, rtol=1e-5)
+
+
+def test_feedback_buffer_cap_holds_for_large_batches(monkeypatch):
+    """When even one block of rows per sequence exceeds BUFFER_BYTES, sequences are solved a few at a time."""
+    B, T, D = 5, 20, 16
+    monkeypatch.setattr(fb_triton, "BUFFER_BYTES", 2 * 4 * fb_triton.BT * T)  # two sequences' blocks
+    batches = []
+    apply = fb_triton._FeedbackSolveTriton.apply
+    monkeypatch.setattr(fb_triton._FeedbackSolveTriton, "apply", lambda f, *a: batches.append(f.shape[0]) or apply(f, *a))
+    torch.manual_seed(0)
+    _check_against_reference(feedback_solve, (torch.randn(B, T, D), torch.randn(B, T, D), torch.randn(B, T, D),
+                                              torch.rand(B, T) * 1.8 - 0.9), {})
+    assert batches == [2, 2, 1]
+
+
+def test_host_math_ignores_tf32_and_autocast(monkeypatch):
+    """The solve's host GEMMs run in full float32 whatever torch.set_float32_matmul_precision and
+    autocast say (TF32 and bf16 would be amplified by up to 1 / (1 - gamma_max))."""
+    seen = []
+    baddbmm = torch.baddbmm
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.is_autocast_enabled("cpu")))
+        return baddbmm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "baddbmm", spy)
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert torch.backends.cuda.matmul.allow_tf32
+        f = torch.randn(1, 40, 16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            feedback_solve(f, f, f, torch.rand(1, 40), past_k=f[:, :3], past_s=f[:, :3], backend="triton")
+        assert torch.backends.cuda.matmul.allow_tf32  # the caller's setting is back
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    assert seen and all(flags == (False, False) for flags in seen), seen
+
+
+def test_autocast_dtypes_accepted():
+    """What a Mamba-2 / Sessa layer hands over under bf16 autocast: bf16 operands with float32 step
+    sizes, decay rates and gains. The Triton backends take them (they fell back silently before)."""
+    x, B = torch.randn(1, 20, 2, 16, dtype=torch.bfloat16), torch.randn(1, 20, 1, 16, dtype=torch.bfloat16)
+    dt, A = torch.rand(1, 20, 2), -torch.rand(2)
+    assert ssd.backends["triton"].reason(x, dt, A, B, B, initial_state=torch.randn(1, 2, 16, 16)) is None
+    f = torch.randn(1, 20, 16, dtype=torch.bfloat16)
+    assert feedback_solve.backends["triton"].reason(f, f, f, torch.rand(1, 20)) is None
+    assert "share one dtype" in ssd.backends["triton"].reason(x, dt, A, B, B.float())
+
+
+def test_float32_inputs_under_autocast_use_its_dtype():
+    """Packed Mamba-2 input reaches ssd in float32 under autocast: the products then run in bf16, as
+    torch's own matmuls would (result within bf16 tolerance of the float32 reference, not equal to it)."""
+    torch.manual_seed(0)
+    x, B, C = torch.randn(2, 33, 2, 16), torch.randn(2, 33, 1, 16), torch.randn(2, 33, 1, 16)
+    dt, A = torch.nn.functional.softplus(torch.randn(2, 33, 2) - 1), -torch.rand(2) - 0.5
+    want = ssd(x, dt, A, B, C, backend="reference")
+    exact = ssd(x, dt, A, B, C, backend="triton")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ssd(x, dt, A, B, C, backend="triton")
+    assert got.dtype == torch.float32
+    scale = want.abs().max()
+    assert (exact - want).abs().max() / scale < 1e-5
+    assert 1e-5 < (got - want).abs().max() / scale < 3e-2

@@ -17,19 +17,34 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from kernels.attention.contract import attention, check_inputs
-from kernels.triton_utils import (Reason, auto_check, autotune, check_tensors, dot_dtype, jit, mma, next_pow2, tl,
-                                  triton, triton_probe)
+from kernels.triton_utils import (Reason, auto_check, autotune, check_tensors, dot_dtype, jit, length_bucket,
+                                  load_tile, mma, next_pow2, product_dtype, split_program, store_tile, tl, triton,
+                                  triton_probe)
 
 MAX_HEAD_DIM = 256
 
-_FWD_CONFIGS = [dict(BM=128, BN=64, num_warps=8, num_stages=3), dict(BM=64, BN=64, num_warps=4, num_stages=3),
-                dict(BM=128, BN=32, num_warps=4, num_stages=3), dict(BM=64, BN=32, num_warps=4, num_stages=2)]
-_BWD_CONFIGS = [dict(BM=64, BN=64, num_warps=8, num_stages=2), dict(BM=32, BN=64, num_warps=4, num_stages=2),
+# First config first: the one a single-config run uses (it fits every head dim, see _prune).
+_FWD_CONFIGS = [dict(BM=64, BN=64, num_warps=4, num_stages=2), dict(BM=128, BN=64, num_warps=8, num_stages=3),
+                dict(BM=64, BN=64, num_warps=4, num_stages=3), dict(BM=128, BN=32, num_warps=4, num_stages=3),
+                dict(BM=64, BN=32, num_warps=4, num_stages=2)]
+_BWD_CONFIGS = [dict(BM=32, BN=64, num_warps=4, num_stages=2), dict(BM=64, BN=64, num_warps=8, num_stages=2),
                 dict(BM=64, BN=32, num_warps=4, num_stages=2), dict(BM=32, BN=32, num_warps=4, num_stages=2)]
-_KEY = ["BD", "BDV", "HAS_WINDOW", "HAS_SEG", "DOT"]
+_KEY = ["BD", "BDV", "HAS_WINDOW", "HAS_SEG", "DOT", "TB"]  # TB: the keys' length bucket
+_LENGTHS = ["Tq", "S", "window", "ssb", "TB"]  # vary from call to call: never specialised on
+
+
+def _prune(configs: list[dict], args: dict) -> list[dict]:
+    """Drop configs too big for these inputs: 128-row query blocks for short sequences, and for head
+    dims above 128 everything but the smallest tiles (shared memory; measured by compiling for sm_90)."""
+    if args["Tq"] <= 64:
+        configs = [c for c in configs if c["BM"] <= 64]
+    if max(args["BD"], args["BDV"]) > 128:
+        configs = [c for c in configs if c["BM"] * c["BN"] <= 64 * 64 and c["num_stages"] <= 2]
+    return configs
 
 
 @jit
@@ -44,39 +59,57 @@ def _visible(pos, j, S, window, seg_q, SEG, b, ssb, HAS_WINDOW: tl.constexpr, HA
     return vis
 
 
-@autotune(_FWD_CONFIGS, key=_KEY, interpret=dict(BM=16, BN=16))
 @jit
-def _fwd_kernel(Q, K, V, O, LSE, SEG, Tq, S, H, R, window, scale, D, DV,
-                sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh, ssb,
-                HAS_WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, DOT: tl.constexpr,
-                BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    pm = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    g = h // R
+def _query_rows(pm, Tq, S, SEG, b, ssb, HAS_SEG: tl.constexpr, BM: tl.constexpr):
+    """Query block pm: rows i, their key positions S - Tq + i, and their segment ids (positions without segments)."""
     i = pm * BM + tl.arange(0, BM)
     pos = S - Tq + i
-    dd = tl.arange(0, BD)
-    dv = tl.arange(0, BDV)
-    q = tl.load(Q + b * sqb + i[:, None] * sqt + h * sqh + dd[None, :], mask=(i[:, None] < Tq) & (dd[None, :] < D),
-                other=0.0)
     seg_q = pos
     if HAS_SEG:
         seg_q = tl.load(SEG + b * ssb + pos, mask=i < Tq, other=-1)
-    m = tl.full((BM,), float("-inf"), dtype=tl.float32)
-    z = tl.zeros((BM,), dtype=tl.float32)
-    acc = tl.zeros((BM, BDV), dtype=tl.float32)
+    return i, pos, seg_q
+
+
+@jit
+def _key_range(pm, Tq, S, window, HAS_WINDOW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """[lo, hi): the keys query block pm may see (causal, and within the window), lo a multiple of BN."""
     lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(0, S - Tq + pm * BM - window + 1) // BN * BN
-    hi = S - Tq + tl.minimum(pm * BM + BM, Tq)
+    return lo, S - Tq + tl.minimum(pm * BM + BM, Tq)
+
+
+@jit
+def _query_range(pn, Tq, S, window, HAS_WINDOW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """[lo, hi): the queries that may see key block pn (at or after its first key, within the window
+    of its last), lo a multiple of BM."""
+    hi = Tq
+    if HAS_WINDOW:
+        hi = tl.minimum(Tq, pn * BN + BN - 1 + window - (S - Tq))
+    return tl.maximum(0, pn * BN - (S - Tq)) // BM * BM, hi
+
+
+@autotune(_FWD_CONFIGS, key=_KEY, interpret=dict(BM=16, BN=16), prune=_prune)
+@jit(do_not_specialize=_LENGTHS)
+def _fwd_kernel(Q, K, V, O, LSE, SEG, Tq, S, H, R, window, scale, D, DV,
+                sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh, ssb, TB,
+                HAS_WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, DOT: tl.constexpr,
+                BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    pm = tl.program_id(0)
+    b, h = split_program(tl.program_id(1), H)
+    g = h // R
+    i, pos, seg_q = _query_rows(pm, Tq, S, SEG, b, ssb, HAS_SEG, BM)
+    dd = tl.arange(0, BD)
+    dv = tl.arange(0, BDV)
+    q = load_tile(Q + b * sqb + h * sqh, i, dd, sqt, Tq, D)
+    m = tl.full((BM,), float("-inf"), dtype=tl.float32)
+    z = tl.zeros((BM,), dtype=tl.float32)
+    acc = tl.zeros((BM, BDV), dtype=tl.float32)
+    lo, hi = _key_range(pm, Tq, S, window, HAS_WINDOW, BM, BN)
     for j0 in range(lo, hi, BN):
         j = j0 + tl.arange(0, BN)
-        k = tl.load(K + b * skb + j[:, None] * skt + g * skh + dd[None, :], mask=(j[:, None] < S) & (dd[None, :] < D),
-                    other=0.0)
-        v = tl.load(V + b * svb + j[:, None] * svt + g * svh + dv[None, :], mask=(j[:, None] < S) & (dv[None, :] < DV),
-                    other=0.0)
+        k = load_tile(K + b * skb + g * skh, j, dd, skt, S, D)
+        v = load_tile(V + b * svb + g * svh, j, dv, svt, S, DV)
         x = mma(q, tl.trans(k), DOT) * scale
         x = tl.where(_visible(pos, j, S, window, seg_q, SEG, b, ssb, HAS_WINDOW, HAS_SEG), x, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, 1))
@@ -87,51 +120,35 @@ def _fwd_kernel(Q, K, V, O, LSE, SEG, Tq, S, H, R, window, scale, D, DV,
         acc = acc * corr[:, None] + mma(p, v, DOT)
         m = m_new
     safe = tl.where(z > 0, z, 1.0)
-    o = acc / safe[:, None]
-    tl.store(O + b * sob + i[:, None] * sot + h * soh + dv[None, :], o.to(O.dtype.element_ty),
-             mask=(i[:, None] < Tq) & (dv[None, :] < DV))
+    store_tile(O + b * sob + h * soh, i, dv, sot, Tq, DV, acc / safe[:, None])
     tl.store(LSE + (b * H + h) * Tq + i, m + tl.log(safe), mask=i < Tq)
 
 
-@autotune(_BWD_CONFIGS, key=_KEY, interpret=dict(BM=16, BN=16))
-@jit
+@autotune(_BWD_CONFIGS, key=_KEY, interpret=dict(BM=16, BN=16), prune=_prune)
+@jit(do_not_specialize=_LENGTHS)
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, SEG, Tq, S, H, Hkv, R, window, scale, D, DV,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, skgb, skgt, skgh, svgb, svgt, svgh, ssb,
-                     HAS_WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, DOT: tl.constexpr,
+                     TB, HAS_WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, DOT: tl.constexpr,
                      BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     pn = tl.program_id(0)
-    bg = tl.program_id(1)
-    b = (bg // Hkv).to(tl.int64)
-    g = bg % Hkv
+    b, g = split_program(tl.program_id(1), Hkv)
     j = pn * BN + tl.arange(0, BN)
     dd = tl.arange(0, BD)
     dv = tl.arange(0, BDV)
-    k = tl.load(K + b * skb + j[:, None] * skt + g * skh + dd[None, :], mask=(j[:, None] < S) & (dd[None, :] < D),
-                other=0.0)
-    v = tl.load(V + b * svb + j[:, None] * svt + g * svh + dv[None, :], mask=(j[:, None] < S) & (dv[None, :] < DV),
-                other=0.0)
+    k = load_tile(K + b * skb + g * skh, j, dd, skt, S, D)
+    v = load_tile(V + b * svb + g * svh, j, dv, svt, S, DV)
     dk = tl.zeros((BN, BD), dtype=tl.float32)
     dvacc = tl.zeros((BN, BDV), dtype=tl.float32)
-    # queries that may see these keys: position >= first key, and within the window of the last key
-    i_lo = tl.maximum(0, pn * BN - (S - Tq)) // BM * BM
-    i_hi = Tq
-    if HAS_WINDOW:
-        i_hi = tl.minimum(Tq, pn * BN + BN - 1 + window - (S - Tq))
+    i_lo, i_hi = _query_range(pn, Tq, S, window, HAS_WINDOW, BM, BN)
     for r in range(0, R):
         h = g * R + r
         for i0 in range(i_lo, i_hi, BM):
-            i = i0 + tl.arange(0, BM)
-            pos = S - Tq + i
+            i, pos, seg_q = _query_rows(i0 // BM, Tq, S, SEG, b, ssb, HAS_SEG, BM)
             rows = i < Tq
-            q = tl.load(Q + b * sqb + i[:, None] * sqt + h * sqh + dd[None, :], mask=rows[:, None] & (dd[None, :] < D),
-                        other=0.0)
-            do = tl.load(DO + b * sdb + i[:, None] * sdt + h * sdh + dv[None, :],
-                         mask=rows[:, None] & (dv[None, :] < DV), other=0.0)
+            q = load_tile(Q + b * sqb + h * sqh, i, dd, sqt, Tq, D)
+            do = load_tile(DO + b * sdb + h * sdh, i, dv, sdt, Tq, DV)
             lse = tl.load(LSE + (b * H + h) * Tq + i, mask=rows, other=0.0)
             delta = tl.load(DELTA + (b * H + h) * Tq + i, mask=rows, other=0.0)
-            seg_q = pos
-            if HAS_SEG:
-                seg_q = tl.load(SEG + b * ssb + pos, mask=rows, other=-1)
             vis = _visible(pos, j, S, window, seg_q, SEG, b, ssb, HAS_WINDOW, HAS_SEG) & rows[:, None]
             x = mma(q, tl.trans(k), DOT) * scale
             p = tl.where(vis, tl.exp(x - lse[:, None]), 0.0)
@@ -139,55 +156,40 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, SEG, Tq, S, H, Hkv, R, wi
             dp = mma(do, tl.trans(v), DOT)
             ds = p * (dp - delta[:, None])
             dk += mma(tl.trans(ds), q, DOT)
-    tl.store(DK + b * skgb + j[:, None] * skgt + g * skgh + dd[None, :], (dk * scale).to(DK.dtype.element_ty),
-             mask=(j[:, None] < S) & (dd[None, :] < D))
-    tl.store(DV_ + b * svgb + j[:, None] * svgt + g * svgh + dv[None, :], dvacc.to(DV_.dtype.element_ty),
-             mask=(j[:, None] < S) & (dv[None, :] < DV))
+    store_tile(DK + b * skgb + g * skgh, j, dd, skgt, S, D, dk * scale)
+    store_tile(DV_ + b * svgb + g * svgh, j, dv, svgt, S, DV, dvacc)
 
 
-@autotune(_BWD_CONFIGS, key=_KEY, interpret=dict(BM=16, BN=16))
-@jit
+@autotune(_BWD_CONFIGS, key=_KEY, interpret=dict(BM=16, BN=16), prune=_prune)
+@jit(do_not_specialize=_LENGTHS)
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEG, Tq, S, H, R, window, scale, D, DV,
-                   sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, sqgb, sqgt, sqgh, ssb,
+                   sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, sqgb, sqgt, sqgh, ssb, TB,
                    HAS_WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, DOT: tl.constexpr,
                    BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     pm = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
+    b, h = split_program(tl.program_id(1), H)
     g = h // R
-    i = pm * BM + tl.arange(0, BM)
-    pos = S - Tq + i
+    i, pos, seg_q = _query_rows(pm, Tq, S, SEG, b, ssb, HAS_SEG, BM)
     rows = i < Tq
     dd = tl.arange(0, BD)
     dv = tl.arange(0, BDV)
-    q = tl.load(Q + b * sqb + i[:, None] * sqt + h * sqh + dd[None, :], mask=rows[:, None] & (dd[None, :] < D), other=0.0)
-    do = tl.load(DO + b * sdb + i[:, None] * sdt + h * sdh + dv[None, :], mask=rows[:, None] & (dv[None, :] < DV),
-                 other=0.0)
+    q = load_tile(Q + b * sqb + h * sqh, i, dd, sqt, Tq, D)
+    do = load_tile(DO + b * sdb + h * sdh, i, dv, sdt, Tq, DV)
     lse = tl.load(LSE + (b * H + h) * Tq + i, mask=rows, other=0.0)
     delta = tl.load(DELTA + (b * H + h) * Tq + i, mask=rows, other=0.0)
-    seg_q = pos
-    if HAS_SEG:
-        seg_q = tl.load(SEG + b * ssb + pos, mask=rows, other=-1)
     dq = tl.zeros((BM, BD), dtype=tl.float32)
-    lo = 0
-    if HAS_WINDOW:
-        lo = tl.maximum(0, S - Tq + pm * BM - window + 1) // BN * BN
-    hi = S - Tq + tl.minimum(pm * BM + BM, Tq)
+    lo, hi = _key_range(pm, Tq, S, window, HAS_WINDOW, BM, BN)
     for j0 in range(lo, hi, BN):
         j = j0 + tl.arange(0, BN)
-        k = tl.load(K + b * skb + j[:, None] * skt + g * skh + dd[None, :], mask=(j[:, None] < S) & (dd[None, :] < D),
-                    other=0.0)
-        v = tl.load(V + b * svb + j[:, None] * svt + g * svh + dv[None, :], mask=(j[:, None] < S) & (dv[None, :] < DV),
-                    other=0.0)
+        k = load_tile(K + b * skb + g * skh, j, dd, skt, S, D)
+        v = load_tile(V + b * svb + g * svh, j, dv, svt, S, DV)
         vis = _visible(pos, j, S, window, seg_q, SEG, b, ssb, HAS_WINDOW, HAS_SEG) & rows[:, None]
         x = mma(q, tl.trans(k), DOT) * scale
         p = tl.where(vis, tl.exp(x - lse[:, None]), 0.0)
         dp = mma(do, tl.trans(v), DOT)
         ds = p * (dp - delta[:, None])
         dq += mma(ds, k, DOT)
-    tl.store(DQ + b * sqgb + i[:, None] * sqgt + h * sqgh + dd[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=rows[:, None] & (dd[None, :] < D))
+    store_tile(DQ + b * sqgb + h * sqgh, i, dd, sqgt, Tq, D, dq * scale)
 
 
 def _strides(t: Tensor) -> tuple[int, int, int]:
@@ -208,7 +210,8 @@ class _AttentionTriton(torch.autograd.Function):
                     BD=next_pow2(D), BDV=next_pow2(DV))
         _fwd_kernel[lambda m: (triton.cdiv(Tq, m["BM"]), B * H)](
             q, k, v, o, lse, seg if seg is not None else lse, Tq, S, H, H // Hkv, window or 0, scale, D, DV,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(o), 0 if seg is None else seg.stride(0), **meta)
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o), 0 if seg is None else seg.stride(0),
+            length_bucket(S), **meta)
         ctx.save_for_backward(q, k, v, o, lse, seg)
         ctx.args = (scale, window, meta)
         return o
@@ -220,17 +223,18 @@ class _AttentionTriton(torch.autograd.Function):
         B, Tq, H, D = q.shape
         S, Hkv, DV = k.shape[1], k.shape[2], v.shape[3]
         do = do if do.stride(-1) == 1 else do.contiguous()
-        delta = torch.einsum("bthd,bthd->bht", do.float(), o.float()).contiguous()
+        delta = rearrange((do.float() * o.float()).sum(-1), "b t h -> b h t").contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         seg_arg = seg if seg is not None else lse
         ssb = 0 if seg is None else seg.stride(0)
         common = (Tq, S, H)
         _bwd_dkdv_kernel[lambda m: (triton.cdiv(S, m["BN"]), B * Hkv)](
             q, k, v, do, lse, delta, dk, dv, seg_arg, *common, Hkv, H // Hkv, window or 0, scale, D, DV,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv), ssb, **meta)
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv), ssb,
+            length_bucket(S), **meta)
         _bwd_dq_kernel[lambda m: (triton.cdiv(Tq, m["BM"]), B * H)](
             q, k, v, do, lse, delta, dq, seg_arg, *common, H // Hkv, window or 0, scale, D, DV,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), ssb, **meta)
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), ssb, length_bucket(S), **meta)
         return dq, dk, dv, None, None, None
 
 
@@ -250,12 +254,18 @@ def _auto(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Reason:
     return auto_check(q, k, v, **kwargs)
 
 
-@attention.register("triton", priority=15, probe=triton_probe, supports=_supports, auto=_auto)
+# Below sdpa until a GPU measurement ranks it; our own kernels also wait for kernels.validate() on each device.
+@attention.register("triton", priority=5, probe=triton_probe, supports=_supports, auto=_auto, needs_validation=True)
 def attention_triton(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
                      window: int | None = None, seq_idx: Tensor | None = None) -> Tensor:
-    """q (B, Tq, H, d), k (B, S, Hkv, d), v (B, S, Hkv, dv) -> (B, Tq, H, dv); contract in kernels.attention."""
+    """q (B, Tq, H, d), k (B, S, Hkv, d), v (B, S, Hkv, dv) -> (B, Tq, H, dv); contract in kernels.attention.
+
+    Under autocast, float32 inputs are multiplied in autocast's dtype (as torch's own attention
+    would); the output keeps q's dtype."""
     check_inputs(q, k, v, seq_idx, window)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if window is not None and window >= k.shape[1]:
         window = None  # hides nothing
-    return _AttentionTriton.apply(q, k, v, scale, window, seq_idx)
+    work = product_dtype(q)
+    o = _AttentionTriton.apply(q.to(work), k.to(work), v.to(work), scale, window, seq_idx)
+    return o.to(q.dtype)

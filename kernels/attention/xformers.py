@@ -22,6 +22,7 @@ from torch import Tensor
 
 from kernels.attention.contract import attention, check_inputs
 from kernels.dispatch import module_probe
+from kernels.packing import segment_blocks, varlen_keys
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -48,30 +49,6 @@ def _supports(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, wi
     return None
 
 
-def _blocks(seq_idx: Tensor, Tq: int) -> tuple[list[int], list[int], list[int]]:
-    """Segments -> block lengths for the flattened batch.
-
-    seq_idx (B, S) -> (q_lens, kv_lens, kv_starts): one block per (row, segment that has queries),
-    row by row; kv_starts[b] is where row b's first such segment begins (earlier keys are unseen).
-    """
-    S = seq_idx.shape[1]
-    ids = seq_idx.tolist()
-    q_lens, kv_lens, kv_starts = [], [], []
-    for b, row in enumerate(ids):
-        starts = [0] + [t for t in range(1, S) if row[t] != row[t - 1]]
-        seg_ids = [row[s] for s in starts]
-        if len(set(seg_ids)) != len(seg_ids):
-            raise ValueError(f"seq_idx row {b}: segments must be contiguous in time; got ids {seg_ids} in that order")
-        ends = starts[1:] + [S]
-        first_q = S - Tq
-        kept = [(s, e) for s, e in zip(starts, ends) if e > first_q]
-        kv_starts.append(kept[0][0])
-        for s, e in kept:
-            q_lens.append(e - max(s, first_q))
-            kv_lens.append(e - s)
-    return q_lens, kv_lens, kv_starts
-
-
 def layout(q: Tensor, k: Tensor, v: Tensor, window: int | None = None, seq_idx: Tensor | None = None):
     """The xformers inputs for the op's inputs: (q, k, v, attn_bias), and whether the batch was flattened.
 
@@ -87,16 +64,12 @@ def layout(q: Tensor, k: Tensor, v: Tensor, window: int | None = None, seq_idx: 
             return q, k, v, xb.LowerTriangularFromBottomRightLocalAttentionMask(window), False
         return q, k, v, (None if Tq == 1 else xb.LowerTriangularFromBottomRightMask()), False
 
-    q_lens, kv_lens, kv_starts = _blocks(seq_idx, Tq)
+    q_lens, kv_lens, kv_starts = segment_blocks(seq_idx, Tq)
     bias = xb.BlockDiagonalCausalFromBottomRightMask.from_seqlens(q_lens, kv_lens, device=q.device)
     if window is not None:
         bias = bias.make_local_attention_from_bottomright(window)
     q = rearrange(q, "b t h d -> 1 (b t) h d")
-    if any(kv_starts):
-        index = torch.cat([torch.arange(b * S + s, (b + 1) * S, device=k.device) for b, s in enumerate(kv_starts)])
-        k, v = (rearrange(t, "b s h d -> (b s) h d")[index][None] for t in (k, v))
-    else:
-        k, v = (rearrange(t, "b s h d -> 1 (b s) h d") for t in (k, v))
+    k, v = (varlen_keys(t, kv_starts)[None] for t in (k, v))
     return q, k, v, bias, True
 
 

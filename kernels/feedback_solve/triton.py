@@ -12,7 +12,7 @@ Forward
      a. `_weights_kernel`: W[r0:r1, :P + r1] in float32 into a (B, G, P + r1) buffer, from the
         logits recomputed tile by tile and the saved lse: the logits are computed once per row, not
         once per column tile of D;
-     b. `_inverse_kernel`: (I - W_ii)^-1 of each BT x BT diagonal block (unit lower triangular,
+     b. `inverse_kernel` (kernels.triton_tril): (I - W_ii)^-1 of each BT x BT diagonal block (unit lower triangular,
         by repeated squaring: (I - N)^-1 = (I + N)(I + N^2)(I + N^4)...), saved for the backward;
      c. rhs = f + W[:, :P + r0] @ ss[:P + r0]: the cache and all earlier groups, one batched GEMM;
      d. `_solve_kernel`, parallel over batch and column tiles of D, block row by block row inside
@@ -39,8 +39,9 @@ import torch
 from torch import Tensor
 
 from kernels.feedback_solve.contract import check_inputs, feedback_solve
-from kernels.triton_utils import (INTERPRET, Reason, auto_check, autotune, check_tensors, dot_dtype, jit, mma, tl,
-                                  triton, triton_probe)
+from kernels.triton_tril import inverse_kernel
+from kernels.triton_utils import (INTERPRET, Reason, auto_check, autotune, check_tensors, dot_dtype, exact_host_math,
+                                  jit, length_bucket, mma, product_dtype, sm_count, tl, triton, triton_probe)
 
 GROUP_ROWS = 512  # rows per group: more rows, fewer launches and longer in-group solves
 BUFFER_BYTES = 256 * 2**20  # cap on the (B, G, L) float32 buffer
@@ -51,6 +52,21 @@ _TILE_CONFIGS = [dict(BR=64, BC=64, BK=64, num_warps=4, num_stages=3),
                  dict(BR=64, BC=128, BK=32, num_warps=4, num_stages=3),
                  dict(BR=128, BC=128, BK=32, num_warps=8, num_stages=2)]
 _TILE_INTERPRET = dict(BR=16, BC=16, BK=16)
+_TILE_KEY = ["DK", "HAS_SEG", "DOT", "TB"]  # TB: the keys' length bucket
+# row / column / length arguments that change from call to call (and group to group): never specialised on
+_LENGTHS = ["T", "L", "P", "ssb", "r0", "nrows", "c0", "ncols", "blk0", "nblk", "col0", "row0", "swpb", "swpr", "sgb",
+            "sgr", "TB"]
+
+
+def _prune_tiles(configs: list[dict], args: dict) -> list[dict]:
+    """128-row tiles only when there are more than 64 rows to cover."""
+    return [c for c in configs if c["BR"] <= 64] if args.get("nrows", args["T"]) <= 64 else configs
+
+
+def _padded(n: int) -> int:
+    """Row length of the float32 work buffers: a multiple of 16, so their row strides keep one
+    alignment class whatever the group (no recompilation per group) and loads stay vectorised."""
+    return -(-n // 16) * 16
 
 
 # ------------------------------------------------------------------------------------------ kernels
@@ -74,9 +90,9 @@ def _logits(Q, K, SEG, b, rows, keys, T, L, P, DK, scale, sqb, sqt, skb, skt, ss
     return tl.where(visible, acc * scale, float("-inf")), visible
 
 
-@autotune(_TILE_CONFIGS, key=["DK", "HAS_SEG"], interpret=_TILE_INTERPRET)
-@jit
-def _stats_kernel(Q, K, SEG, LSE, T, L, P, DK, scale, sqb, sqt, skb, skt, ssb,
+@autotune(_TILE_CONFIGS, key=_TILE_KEY, interpret=_TILE_INTERPRET, prune=_prune_tiles)
+@jit(do_not_specialize=_LENGTHS)
+def _stats_kernel(Q, K, SEG, LSE, T, L, P, DK, scale, sqb, sqt, skb, skt, ssb, TB,
                   HAS_SEG: tl.constexpr, DOT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
     """LSE[b, t] = log sum over the strict past of exp(logit); 0 for rows with no past."""
     pid = tl.program_id(0)
@@ -96,10 +112,10 @@ def _stats_kernel(Q, K, SEG, LSE, T, L, P, DK, scale, sqb, sqt, skb, skt, ssb,
     tl.store(LSE + b * T + rows, lse, mask=rows < T)
 
 
-@autotune(_TILE_CONFIGS, key=["DK", "HAS_SEG"], interpret=_TILE_INTERPRET)
-@jit
+@autotune(_TILE_CONFIGS, key=_TILE_KEY, interpret=_TILE_INTERPRET, prune=_prune_tiles)
+@jit(do_not_specialize=_LENGTHS)
 def _weights_kernel(Q, K, SEG, LSE, GAM, W, r0, nrows, c0, ncols, T, L, P, DK, scale,
-                    sqb, sqt, skb, skt, ssb, swb, swr,
+                    sqb, sqt, skb, skt, ssb, TB, swb, swr,
                     HAS_SEG: tl.constexpr, DOT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
     """W[b, i, j] = gamma_t alpha[t, key] for rows t = r0 + i < r0 + nrows, keys c0 + j < c0 + ncols."""
     pr = tl.program_id(0)
@@ -121,25 +137,8 @@ def _weights_kernel(Q, K, SEG, LSE, GAM, W, r0, nrows, c0, ncols, T, L, P, DK, s
     tl.store(W + b * swb + ri[:, None] * swr + cj[None, :], w, mask=(ri[:, None] < nrows) & (cj[None, :] < ncols))
 
 
-@jit
-def _inverse_kernel(W, INV, blk0, nblk, nrows, col0, swb, swr, BT: tl.constexpr, LOG2_BT: tl.constexpr):
-    """INV[b, blk0 + i] = (I - N)^-1 for N = W[b, i*BT:(i+1)*BT, col0 + i*BT : col0 + (i+1)*BT] (strictly lower)."""
-    i = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    a = tl.arange(0, BT)
-    r = i * BT + a
-    keep = (r[:, None] < nrows) & (r[None, :] < nrows) & (a[:, None] > a[None, :])
-    n = tl.load(W + b * swb + r[:, None] * swr + (col0 + r)[None, :], mask=keep, other=0.0)
-    inv = tl.where(a[:, None] == a[None, :], 1.0, 0.0) + n
-    power = n
-    for _ in tl.static_range(LOG2_BT - 1):
-        power = mma(power, power, tl.float32)
-        inv = inv + mma(inv, power, tl.float32)
-    tl.store(INV + ((b * nblk + blk0 + i) * BT + a[:, None]) * BT + a[None, :], inv)
-
-
 @autotune([dict(num_warps=4), dict(num_warps=8)], key=["D"], interpret={})
-@jit
+@jit(do_not_specialize=_LENGTHS)
 def _solve_kernel(RHS, W, INV, S, blk0, nblk, nrows, col0, row0, D, srb, srr, swb, swr, ssb, sst,
                   BT: tl.constexpr, BD: tl.constexpr):
     """Block forward substitution inside a group: S[row0 + rows] = INV_i (RHS_i + sum_{c<i} W_ic S_c)."""
@@ -164,7 +163,7 @@ def _solve_kernel(RHS, W, INV, S, blk0, nblk, nrows, col0, row0, D, srb, srr, sw
 
 
 @autotune([dict(num_warps=4), dict(num_warps=8)], key=["D"], interpret={})
-@jit
+@jit(do_not_specialize=_LENGTHS + ["ncols"])
 def _solve_t_kernel(RHS, W, INV, U, blk0, nblk, ncols, row0, D, srb, srr, swb, swr, sub, sut,
                     BT: tl.constexpr, BD: tl.constexpr):
     """Transposed block back substitution inside a group of columns, last block first:
@@ -193,10 +192,10 @@ def _solve_t_kernel(RHS, W, INV, U, blk0, nblk, ncols, row0, D, srb, srr, swb, s
 
 
 @autotune([dict(BR=64, num_warps=4, num_stages=2), dict(BR=64, num_warps=8, num_stages=2),
-           dict(BR=128, num_warps=8, num_stages=2)], key=["DK", "D", "HAS_SEG"], interpret=dict(BR=16))
-@jit
+           dict(BR=128, num_warps=8, num_stages=2)], key=["D"] + _TILE_KEY, interpret=dict(BR=16), prune=_prune_tiles)
+@jit(do_not_specialize=_LENGTHS)
 def _dlogits_kernel(Q, K, SEG, LSE, GAM, U, S, E, DL, DGP, WP, r0, nrows, ncols, T, L, P, DK, D, scale,
-                    sqb, sqt, skb, skt, ssb, sub, sut, s2b, s2t, sdb, sdr, sgb, sgr, swpb, swpr,
+                    sqb, sqt, skb, skt, ssb, TB, sub, sut, s2b, s2t, sdb, sdr, sgb, sgr, swpb, swpr,
                     HAS_SEG: tl.constexpr, HAS_PAST: tl.constexpr, DOT: tl.constexpr,
                     BR: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
     """For rows r0 + i and keys j < ncols: DL = dlogit, DGP[.., pc] = the tile's part of dgamma,
@@ -247,7 +246,7 @@ def _column_tile(B: int, D: int, device: torch.device) -> int:
     """Column tile of the solve kernels: 16..64, small enough to give every SM a program."""
     if INTERPRET:
         return 16
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = sm_count(device)
     bd = 64
     while bd > 16 and B * triton.cdiv(D, bd) < sms:
         bd //= 2
@@ -279,7 +278,7 @@ class _FeedbackSolveTriton(torch.autograd.Function):
         lse = torch.empty(B, T, dtype=torch.float32, device=dev)
         seg_arg = seg if seg is not None else lse  # never read without HAS_SEG
         common = (T, L, P, Dk, scale, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
-                  0 if seg is None else seg.stride(0))
+                  0 if seg is None else seg.stride(0), length_bucket(L))
         _stats_kernel[lambda m: (triton.cdiv(T, m["BR"]), B)](q, keys, seg_arg, lse, *common,
                                                               HAS_SEG=seg is not None, DOT=DOT)
         nblk = triton.cdiv(T, BT)
@@ -289,12 +288,12 @@ class _FeedbackSolveTriton(torch.autograd.Function):
         for r0 in range(0, T, G):
             r1 = min(T, r0 + G)
             n, ncols = r1 - r0, P + r1
-            w = torch.empty(B, n, ncols, dtype=torch.float32, device=dev)
+            w = torch.empty(B, n, _padded(ncols), dtype=torch.float32, device=dev)
             _weights_kernel[lambda m: (triton.cdiv(n, m["BR"]), triton.cdiv(ncols, m["BC"]), B)](
                 q, keys, seg_arg, lse, g32, w, r0, n, 0, ncols, *common, w.stride(0), w.stride(1),
                 HAS_SEG=seg is not None, DOT=DOT)
-            _inverse_kernel[(triton.cdiv(n, BT), B)](w, inv, r0 // BT, nblk, n, P + r0, w.stride(0), w.stride(1),
-                                                     BT=BT, LOG2_BT=BT.bit_length() - 1)
+            inverse_kernel[(triton.cdiv(n, BT), B)](w, inv, r0 // BT, nblk, n, P + r0, w.stride(0), w.stride(1),
+                                                     BT=BT)
             rhs = f[:, r0:r1].float()
             if P + r0:
                 rhs = torch.baddbmm(rhs, w[:, :, :P + r0], ss[:, :P + r0])
@@ -310,6 +309,11 @@ class _FeedbackSolveTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, ds: Tensor):
+        with exact_host_math(ds.device):
+            return _FeedbackSolveTriton.gradients(ctx, ds)
+
+    @staticmethod
+    def gradients(ctx, ds: Tensor):
         f, q, keys, g32, ss, lse, inv, seg = ctx.saved_tensors
         B, T, D, Dk, P, scale, G, BD = ctx.shape
         L = P + T
@@ -318,20 +322,20 @@ class _FeedbackSolveTriton(torch.autograd.Function):
         nblk = inv.shape[1]
         seg_arg = seg if seg is not None else lse
         common = (T, L, P, Dk, scale, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
-                  0 if seg is None else seg.stride(0))
+                  0 if seg is None else seg.stride(0), length_bucket(L))
         ds32 = ds.float()
         u = torch.empty(B, T, D, dtype=torch.float32, device=dev)
         # transposed solve, groups of columns from the last
         for g0 in reversed(range(0, T, G)):
             g1 = min(T, g0 + G)
             nrows, ncols = T - g0, g1 - g0
-            w = torch.empty(B, nrows, ncols, dtype=torch.float32, device=dev)
+            w = torch.empty(B, nrows, _padded(ncols), dtype=torch.float32, device=dev)
             _weights_kernel[lambda m: (triton.cdiv(nrows, m["BR"]), triton.cdiv(ncols, m["BC"]), B)](
                 q, keys, seg_arg, lse, g32, w, g0, nrows, P + g0, ncols, *common, w.stride(0), w.stride(1),
                 HAS_SEG=seg is not None, DOT=DOT)
             rhs = ds32[:, g0:g1]
             if g1 < T:
-                rhs = torch.baddbmm(rhs, w[:, ncols:].transpose(1, 2), u[:, g1:])
+                rhs = torch.baddbmm(rhs, w[:, ncols:, :ncols].transpose(1, 2), u[:, g1:])
             rhs = rhs.contiguous()
             _solve_t_kernel[(triton.cdiv(D, BD), B)](rhs, w, inv, u, g0 // BT, nblk, ncols, g0, D,
                                                     rhs.stride(0), rhs.stride(1), w.stride(0), w.stride(1),
@@ -346,17 +350,17 @@ class _FeedbackSolveTriton(torch.autograd.Function):
         for r0 in range(0, T, G):
             r1 = min(T, r0 + G)
             n, ncols = r1 - r0, P + r1
-            dl = torch.empty(B, n, ncols, dtype=torch.float32, device=dev)
+            dl = torch.empty(B, n, _padded(ncols), dtype=torch.float32, device=dev)
             dgp = torch.empty(B, n, triton.cdiv(ncols, BC), dtype=torch.float32, device=dev)
             wp = torch.empty(B, n, P, dtype=torch.float32, device=dev) if P else dl
             _dlogits_kernel[lambda m: (triton.cdiv(n, m["BR"]), triton.cdiv(ncols, BC), B)](
                 q, keys, seg_arg, lse, g32, u, ss, e, dl, dgp, wp, r0, n, ncols, T, L, P, Dk, D, scale,
                 q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), 0 if seg is None else seg.stride(0),
-                u.stride(0), u.stride(1), ss.stride(0), ss.stride(1), dl.stride(0), dl.stride(1),
+                length_bucket(L), u.stride(0), u.stride(1), ss.stride(0), ss.stride(1), dl.stride(0), dl.stride(1),
                 dgp.stride(0), dgp.stride(1), wp.stride(0), wp.stride(1),
                 HAS_SEG=seg is not None, HAS_PAST=P > 0, DOT=DOT, BC=BC, BK=BC)
-            dq[:, r0:r1] = torch.bmm(dl, keys32[:, :ncols])
-            dkeys[:, :ncols].baddbmm_(dl.transpose(1, 2), q32[:, r0:r1])
+            dq[:, r0:r1] = torch.bmm(dl[:, :, :ncols], keys32[:, :ncols])
+            dkeys[:, :ncols].baddbmm_(dl[:, :, :ncols].transpose(1, 2), q32[:, r0:r1])
             dgamma[:, r0:r1] = dgp.sum(-1)
             if P:
                 dpast_s.baddbmm_(wp.transpose(1, 2), u[:, r0:r1])
@@ -369,7 +373,7 @@ class _FeedbackSolveTriton(torch.autograd.Function):
 
 def _supports(f: Tensor, q: Tensor, k: Tensor, gamma: Tensor, *, past_k: Tensor | None = None,
               past_s: Tensor | None = None, seq_idx: Tensor | None = None) -> Reason:
-    return check_tensors(f, q, k, gamma, past_k, past_s, seq_idx)
+    return check_tensors(q, k, past_k, seq_idx, scalars=(f, gamma, past_s))
 
 
 def _auto(f: Tensor, q: Tensor, k: Tensor, gamma: Tensor, *, past_k: Tensor | None = None, **kwargs) -> Reason:
@@ -378,10 +382,28 @@ def _auto(f: Tensor, q: Tensor, k: Tensor, gamma: Tensor, *, past_k: Tensor | No
     return auto_check(f, q, k, gamma, past_k=past_k, **kwargs)
 
 
-@feedback_solve.register("triton", priority=30, probe=triton_probe, supports=_supports, auto=_auto)
+def _batch_rows(B: int, L: int) -> int:
+    """Sequences solved together: as many as fit one block of BT rows each in BUFFER_BYTES (at least one)."""
+    return max(1, min(B, BUFFER_BYTES // (4 * BT * L)))
+
+
+# Our own kernels: automatic selection waits for kernels.validate() on each device.
+@feedback_solve.register("triton", priority=30, probe=triton_probe, supports=_supports, auto=_auto,
+                         needs_validation=True)
 def feedback_solve_triton(f: Tensor, q: Tensor, k: Tensor, gamma: Tensor, *, past_k: Tensor | None = None,
                           past_s: Tensor | None = None, seq_idx: Tensor | None = None) -> Tensor:
     """f (B, T, D), q, k (B, T, Dk), gamma (B, T), past_k (B, P, Dk), past_s (B, P, D), seq_idx (B, P + T)
-    -> s (B, T, D) in f's dtype; contract in kernels.feedback_solve, algorithm in this module's docstring."""
+    -> s (B, T, D) in f's dtype; contract in kernels.feedback_solve, algorithm in this module's docstring.
+
+    q, k, past_k are multiplied in their dtype (autocast's for float32 inputs under autocast); f, gamma
+    and past_s are solved in float32 whatever theirs. Batches whose work buffer would exceed
+    BUFFER_BYTES even with one block of rows per group are solved a few sequences at a time."""
     check_inputs(f, q, k, gamma, past_k, past_s, seq_idx)
-    return _FeedbackSolveTriton.apply(f, q, k, gamma, past_k, past_s, seq_idx)
+    work = product_dtype(q)
+    q, k, past_k = (None if t is None else t.to(work) for t in (q, k, past_k))
+    inputs = (f, q, k, gamma, past_k, past_s, seq_idx)
+    step = _batch_rows(f.shape[0], (0 if past_k is None else past_k.shape[1]) + f.shape[1])
+    with exact_host_math(f.device):
+        parts = [_FeedbackSolveTriton.apply(*(None if t is None else t[i:i + step] for t in inputs))
+                 for i in range(0, f.shape[0], step)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

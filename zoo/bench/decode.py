@@ -23,8 +23,8 @@ from blocks.gated_block import GatedBlock
 from blocks.sessa import Sessa
 from kernels import record_choices, use_backends
 from kernels.dispatch import parse_pins
+from zoo.bench import DTYPES, sync
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,25 +41,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_decode(block: GatedBlock, prompt: torch.Tensor, steps: torch.Tensor) -> tuple[float, list[float]]:
     """prompt (B, P, D), steps (N, B, 1, D) -> (prefill seconds, seconds of each step) on a fresh state."""
     device = prompt.device
     state = block.allocate_state(prompt.shape[0], prompt.shape[1] + steps.shape[0])
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     block(prompt, state=state)
-    _sync(device)
+    sync(device)
     prefill = time.perf_counter() - start
     times = []
     for x in steps:
         start = time.perf_counter()
         block(x, state=state)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return prefill, times
 

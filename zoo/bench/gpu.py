@@ -1,12 +1,12 @@
 """GPU kernels: correctness of every GPU backend, then time and peak memory of the fused Triton kernels.
 
-1. Checks every backend of attention, feedback_solve and ssd that can run on the device against
-   `reference` on small shapes (forward and gradients, float32 and bfloat16); prints one line each.
+1. Checks every backend of every op that can run on the device against `reference` on
+   kernels.validation's cases (forward and gradients, float32 and bfloat16); prints one line each.
 2. Times forward and forward+backward (best of --repeats, after a warm-up that includes Triton's
    autotuning) and measures peak memory (torch.cuda.max_memory_allocated above the inputs) of
      feedback_solve  triton, chunked, reference (dense T x T; the baseline)
-     attention       sdpa (the baseline), xformers (when installed), triton
-     ssd             chunked (the baseline), triton
+     attention       sdpa (the baseline), xformers, flash_attn (when installed), triton
+     ssd             chunked (the baseline), mamba_ssm (when installed), triton
    at --dtype (bfloat16), width --dim 1024 with --heads 16 (head dim 64; ssd: P = 64, N = --state),
    for each T in --lengths (2048 ... 16384); one table, ratios to each op's baseline.
 
@@ -28,12 +28,11 @@ import torch
 
 import kernels
 from kernels.triton_utils import INTERPRET
+from zoo.bench import DTYPES, sync
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-CHECK_TOL = {torch.float32: 2e-3, torch.bfloat16: 4e-2, torch.float16: 1e-2}  # max error / max |reference|
 BASELINE = {"feedback_solve": "reference", "attention": "sdpa", "ssd": "chunked"}
-TIMED = {"feedback_solve": ["reference", "chunked", "triton"], "attention": ["sdpa", "xformers", "triton"],
-         "ssd": ["chunked", "triton"]}
+TIMED = {"feedback_solve": ["reference", "chunked", "triton"], "attention": ["sdpa", "xformers", "flash_attn", "triton"],
+         "ssd": ["chunked", "mamba_ssm", "triton"]}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,138 +48,69 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------------------------------ inputs
-def _segments(lengths: list[int], B: int, device: torch.device) -> torch.Tensor:
-    ids = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
-    return ids[None].expand(B, -1).contiguous()
-
-
-def feedback_inputs(B: int, T: int, D: int, dtype: torch.dtype, device: torch.device, P: int = 0,
-                    packed: list[int] | None = None):
+def feedback_inputs(B: int, T: int, D: int, dtype: torch.dtype, device: torch.device):
     g = torch.Generator(device="cpu").manual_seed(T + D)
     r = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
     gamma = (torch.where(torch.rand(B, T, generator=g) < 0.5, -1.0, 1.0) * 0.999).to(device=device, dtype=dtype)
-    kw = {}
-    if P:
-        kw.update(past_k=r(B, P, D), past_s=r(B, P, D))
-    if packed:
-        kw["seq_idx"] = _segments(packed, B, device)
-    return (r(B, T, D), r(B, T, D), r(B, T, D), gamma), kw
+    return (r(B, T, D), r(B, T, D), r(B, T, D), gamma), {}
 
 
-def attention_inputs(B: int, Tq: int, S: int, H: int, Hkv: int, d: int, dtype: torch.dtype, device: torch.device,
-                     window: int | None = None, packed: list[int] | None = None):
-    g = torch.Generator(device="cpu").manual_seed(S + d)
+def attention_inputs(B: int, T: int, H: int, d: int, dtype: torch.dtype, device: torch.device):
+    g = torch.Generator(device="cpu").manual_seed(T + d)
     r = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
-    kw = {}
-    if window:
-        kw["window"] = window
-    if packed:
-        kw["seq_idx"] = _segments(packed, B, device)
-    return (r(B, Tq, H, d), r(B, S, Hkv, d), r(B, S, Hkv, d)), kw
+    return (r(B, T, H, d), r(B, T, H, d), r(B, T, H, d)), {}
 
 
-def ssd_inputs(B: int, T: int, H: int, P: int, G: int, N: int, dtype: torch.dtype, device: torch.device,
-               init: bool = False, packed: list[int] | None = None):
+def ssd_inputs(B: int, T: int, H: int, P: int, N: int, dtype: torch.dtype, device: torch.device):
     g = torch.Generator(device="cpu").manual_seed(T + N)
     r = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
     dt = torch.nn.functional.softplus(torch.randn(B, T, H, generator=g) - 1).to(device=device, dtype=dtype)
     A = (-torch.exp(torch.randn(H, generator=g) * 0.5)).to(device=device, dtype=dtype)
-    kw = dict(chunk_size=64)
-    if init:
-        kw["initial_state"] = r(B, H, P, N)
-    if packed:
-        kw["seq_idx"] = _segments(packed, B, device)
-    return (r(B, T, H, P), dt, A, r(B, T, G, N), r(B, T, G, N)), kw
-
-
-def check_cases(device: torch.device, dtype: torch.dtype, tiny: bool):
-    """(op name, case name, args, kwargs) on small shapes; `tiny` for the CPU interpreter."""
-    if tiny:
-        return [("feedback_solve", "T21-past-packed", *feedback_inputs(2, 21, 32, dtype, device, P=5, packed=[6, 1, 19])),
-                ("attention", "Tq7-S9-gqa-window", *attention_inputs(2, 7, 9, 4, 2, 32, dtype, device, window=4)),
-                ("ssd", "T20-init-packed", *ssd_inputs(2, 20, 2, 16, 1, 16, dtype, device, init=True, packed=[5, 15]))]
-    return [
-        ("feedback_solve", "T300-D128", *feedback_inputs(2, 300, 128, dtype, device)),
-        ("feedback_solve", "T200-D96-past50-packed",
-         *feedback_inputs(2, 200, 96, dtype, device, P=50, packed=[70, 1, 179])),
-        ("attention", "T257-H4-Hkv2-d64", *attention_inputs(2, 257, 257, 4, 2, 64, dtype, device)),
-        ("attention", "Tq100-S300-Hkv1-d128-window64-packed",
-         *attention_inputs(2, 100, 300, 4, 1, 128, dtype, device, window=64, packed=[120, 1, 179])),
-        ("ssd", "T300-H4-P64-G2-N64-init-packed",
-         *ssd_inputs(2, 300, 4, 64, 2, 64, dtype, device, init=True, packed=[100, 1, 199])),
-        ("ssd", "T129-H2-P32-N128", *ssd_inputs(1, 129, 2, 32, 1, 128, dtype, device)),
-    ]
-
-
-# ------------------------------------------------------------------------------------------ checks
-def _leaves(args, kwargs):
-    return [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-
-
-def _forward_backward(op, backend: str, args, kwargs):
-    """Output(s) and gradients of <output, fixed random cotangent> for every float input."""
-    args = tuple(a.detach().clone().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point()
-                 else a for a in args)
-    kwargs = {k: v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point()
-              else v for k, v in kwargs.items()}
-    out = op(*args, backend=backend, **kwargs)
-    outs = out if isinstance(out, tuple) else (out,)
-    g = torch.Generator(device="cpu").manual_seed(1)
-    loss = sum((o.float() * torch.randn(o.shape, generator=g).to(o.device)).sum() for o in outs)
-    return outs, torch.autograd.grad(loss, _leaves(args, kwargs), allow_unused=True)
+    return (r(B, T, H, P), dt, A, r(B, T, 1, N), r(B, T, 1, N)), dict(chunk_size=64)
 
 
 def run_checks(device: torch.device, tiny: bool) -> bool:
-    print("correctness against reference (max |error| / max |reference|, forward and gradients)")
-    print(f"{'op':<15} {'backend':<10} {'dtype':<9} {'case':<38} {'forward':>9} {'grads':>9}  result")
-    ok = True
-    for dtype in (torch.float32, torch.bfloat16):
-        for op_name, case, args, kwargs in check_cases(device, dtype, tiny):
-            op = kernels.get_op(op_name)
-            want, want_grads = _forward_backward(op, "reference", args, kwargs)
-            for name, backend in op.backends.items():
-                if name == "reference":
-                    continue
-                why = backend.reason(*args, **kwargs)
-                if why is not None:
-                    print(f"{op_name:<15} {name:<10} {str(dtype)[6:]:<9} {case:<38} {'':>9} {'':>9}  skipped: {why}")
-                    continue
-                got, got_grads = _forward_backward(op, name, args, kwargs)
-                err = lambda g, w: ((g.float() - w.float()).abs().max() / w.float().abs().max().clamp_min(1e-6)).item()  # noqa: E731
-                fwd = max(err(g, w) for g, w in zip(got, want))
-                grads = max((err(g, w) for g, w in zip(got_grads, want_grads) if w is not None), default=0.0)
-                if any(g is None for g, w in zip(got_grads, want_grads) if w is not None):
-                    grads = math.inf
-                good = max(fwd, grads) <= CHECK_TOL[dtype] and math.isfinite(fwd)
-                ok &= good
-                print(f"{op_name:<15} {name:<10} {str(dtype)[6:]:<9} {case:<38} {fwd:9.1e} {grads:9.1e}  "
-                      f"{'ok' if good else 'FAIL (tolerance ' + format(CHECK_TOL[dtype], '.0e') + ')'}")
+    """Every backend that runs on the device against reference on kernels.validation's cases (the
+    largest in half precision only), float32 and bfloat16; prints the table, nothing stored."""
+    from kernels import OPS, validation
+
+    cases = {op: cs[-1:] for op, cs in validation.CASES.items()} if tiny else None
+    saved = dict(validation.CASES)
+    validation.CASES.update(cases or {})
+    try:
+        ok = True
+        for op in validation.CASES:
+            backends = [b for b in OPS[op].backends if b != "reference"]
+            report = validation.validate([op], backends, device, (torch.float32, torch.bfloat16), store=False, quick=True)
+            print(report)
+            ok &= report.ok
+    finally:
+        validation.CASES.clear()
+        validation.CASES.update(saved)
     print()
     return ok
 
 
-# ------------------------------------------------------------------------------------------ timing
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _leaves(args, kwargs):
+    return [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 def _measure(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float]:
     """(best milliseconds, peak MiB above what was allocated before) of fn(), after one warm-up call."""
     fn()  # warm-up: compilation and autotuning
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     peak = math.nan
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         fn()
-        _sync(device)
+        sync(device)
         peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     return min(times) * 1e3, peak
 
@@ -190,8 +120,8 @@ def _timed_inputs(op_name: str, args: argparse.Namespace, T: int, device: torch.
     if op_name == "feedback_solve":
         return feedback_inputs(B, T, D, dtype, device)
     if op_name == "attention":
-        return attention_inputs(B, T, T, H, H, D // H, dtype, device)
-    return ssd_inputs(B, T, H, D // H, 1, args.state, dtype, device)
+        return attention_inputs(B, T, H, D // H, dtype, device)
+    return ssd_inputs(B, T, H, D // H, args.state, dtype, device)
 
 
 def time_backend(op_name: str, backend: str, inputs, device: torch.device, repeats: int) -> dict[str, float | str]:

@@ -22,6 +22,10 @@ DENSE_BUFFERS * B * T^2 * 4 bytes, exceed --dense-budget-gib.
     python tools/bench.py layer
     python tools/bench.py layer --T 512 2048 --plot layer.png
     python tools/bench.py layer --chunk-sweep --T 1024 2048 4096     # picks chunked's default C
+    python tools/bench.py layer --compile --T 512 --no-memory           # adds torch.compile'd rows
+
+--compile adds each model compiled with torch.compile (inductor, fullgraph=True; the same weights),
+timed after its compilation; ratios stay relative to eager attention.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-sweep", action="store_true",
                         help="instead: time sessa-chunked for each --chunks size (pick the default C)")
     parser.add_argument("--chunks", type=int, nargs="+", default=[32, 64, 128, 256, 512])
+    parser.add_argument("--compile", action="store_true", help="also time each model under torch.compile")
 
 
 def build(name: str, dim: int, heads: int) -> GatedBlock:
@@ -118,8 +123,10 @@ def peak_bytes(name: str, T: int, args: argparse.Namespace, chunk: int) -> int:
 # ---------------------------------------------------------------- time (in process, models alternating)
 def best_times(models: dict[str, GatedBlock], x: torch.Tensor, repeats: int) -> dict[str, tuple[float, float]]:
     """{name: (forward seconds, training-step seconds)}, best of `repeats`, models interleaved."""
-    for m in models.values():  # warm-up
+    for m in models.values():  # warm-up (compiled models compile here: a grad and a no-grad graph)
         train_step(m, x)
+        with torch.no_grad():
+            m(x)
     best = {n: (float("inf"), float("inf")) for n in models}
     for _ in range(repeats):
         for n, m in models.items():
@@ -147,26 +154,30 @@ def run_layer(args: argparse.Namespace) -> None:
     print(f"layer: GatedBlock fwd / fwd+bwd, B={args.batch} D={args.dim} heads={args.heads} float32 "
           f"threads={args.threads}, chunked C={C}, best of {args.repeats}; peak = extra resident MiB of one "
           f"training step (fresh process); {_load()}")
-    head = f"{'T':>5} {'model':<14} {'fwd ms':>8} {'x attn':>7} {'fwd+bwd ms':>11} {'x attn':>7} {'peak MiB':>9} {'x attn':>7}"
+    head = f"{'T':>5} {'model':<22} {'fwd ms':>8} {'x attn':>7} {'fwd+bwd ms':>11} {'x attn':>7} {'peak MiB':>9} {'x attn':>7}"
     print(head)
     rows = []
     for T in args.T:
         names = [n for n in MODELS if n != "sessa-dense" or dense_bytes(args.batch, T) <= args.dense_budget_gib * 2**30]
         torch.manual_seed(0)
         models = {n: build(n, args.dim, args.heads) for n in names}
+        if args.compile:
+            torch._dynamo.reset()
+            models.update({f"{n}+compile": torch.compile(models[n], fullgraph=True) for n in names})
         x = torch.randn(args.batch, T, args.dim)
         times = best_times(models, x, args.repeats)
         del models
         peaks = {n: None if args.no_memory else peak_bytes(n, T, args, C) for n in names}
-        for n in MODELS:
-            if n not in names:
-                print(f"{T:>5} {n:<14} over budget: ~{dense_bytes(args.batch, T) / 2**30:.1f} GiB of T x T buffers "
+        for n in [m + suffix for m in MODELS for suffix in ("", "+compile") if suffix == "" or args.compile]:
+            if n not in times:
+                print(f"{T:>5} {n:<22} over budget: ~{dense_bytes(args.batch, T) / 2**30:.1f} GiB of T x T buffers "
                       f"> --dense-budget-gib {args.dense_budget_gib}")
                 continue
             (fw, tr), (fw0, tr0) = times[n], times["attention"]
-            mem = "" if peaks[n] is None else f"{_mib(peaks[n]):>9} {peaks[n] / peaks['attention']:>6.2f}x"
-            print(f"{T:>5} {n:<14} {1e3 * fw:>8.1f} {fw / fw0:>6.2f}x {1e3 * tr:>11.1f} {tr / tr0:>6.2f}x {mem}", flush=True)
-            rows.append((T, n, fw, tr, peaks[n]))
+            peak = peaks.get(n)
+            mem = "" if peak is None else f"{_mib(peak):>9} {peak / peaks['attention']:>6.2f}x"
+            print(f"{T:>5} {n:<22} {1e3 * fw:>8.1f} {fw / fw0:>6.2f}x {1e3 * tr:>11.1f} {tr / tr0:>6.2f}x {mem}", flush=True)
+            rows.append((T, n, fw, tr, peak))
     print(f"done; {_load()}")
     if args.plot:
         plot(rows, args.plot, f"GatedBlock, B={args.batch} D={args.dim} heads={args.heads}, {args.threads} threads")
