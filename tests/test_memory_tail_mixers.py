@@ -49,6 +49,19 @@ def test_retnet_decays_at_its_slowest_head_rate():
     assert fit.rate_r2 > 0.98
 
 
+def test_retnet_is_its_own_construction():
+    """Any construction option accepts a RetNet-only model (one config serves every layout) and
+    leaves its weights alone; a model with no layer an option acts on is still an error."""
+    torch.manual_seed(3)
+    mixer = MultiScaleRetention(16, num_heads=2)
+    before = copy.deepcopy(mixer.state_dict())
+    explicit_construction(mixer, fixed_gate=0.02, constant_beta=True, uniform_attention=True)
+    for name, value in mixer.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    with pytest.raises(ValueError, match="no layer"):
+        explicit_construction(Mamba2(32, head_dim=16, state_dim=8), fixed_gate=0.02)
+
+
 def test_gated_deltanet_fixed_gate_adds_its_rate_to_the_delta_rules_erasure():
     """Same weights, gate 0 vs gate r: the whole state is scaled by exp(-r) per step, so the rates
     differ by r; the delta rule's own erasure (beta = 1/2 here) makes both decay."""

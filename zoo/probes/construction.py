@@ -25,7 +25,8 @@ What each option sets and what the theory predicts (docs/memory_tail.md):
     exp(-fixed_gate) per token (GLA: exactly that rate; Gated DeltaNet: at least that rate, the delta
     rule's erasure adds to it). fixed_gate = 0 turns the decay off (g = 0 exactly).
   * constant_beta: Gated DeltaNet and DeltaNet get beta_t = sigmoid(0) = 1/2 for every token (b_proj = 0).
-  * RetNet needs no construction: its decays 1 - 2^(-5-h) are fixed by design; uniform_attention
+  * RetNet needs no construction: its decays 1 - 2^(-5-h) are fixed by design (a model with RetNet
+    layers counts as matched by any option, so one config serves every layout); uniform_attention
     also acts on sliding-window attention, whose influence is then 1/min(t + 1, window) inside the
     window and exactly 0 from lag `window` on.
 
@@ -44,6 +45,7 @@ from blocks.attention import Attention
 from blocks.gated_deltanet import GatedDeltaNet
 from blocks.gla import GatedLinearAttention
 from blocks.mamba2 import Mamba2
+from blocks.retnet import MultiScaleRetention
 from blocks.sessa import Sessa
 
 
@@ -113,6 +115,8 @@ def explicit_construction(model: nn.Module | Callable[[], nn.Module], uniform_ro
         for mixer in (m for m in model.modules() if isinstance(m, GatedDeltaNet)):  # DeltaNet included
             mixer.b_proj.weight.zero_()
             changed += 1
+    # RetNet's decays are fixed by design: it is its own construction, so a config of these options serves it too
+    changed += sum(isinstance(m, MultiScaleRetention) for m in model.modules())
     if not changed:
         raise ValueError(f"explicit_construction: {type(model).__name__} has no layer the requested options act on "
                          "(Sessa with feedback for uniform_routing / gain, Attention for uniform_attention, Mamba2 "
