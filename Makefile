@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH) -e '.[dev,triton,xformers,hf]'
+	$(PY) -m pip install -q $(TORCH) -e '.[dev,triton,xformers,hf,fla]'
 	touch $(STAMP)
 
 demo: $(STAMP)

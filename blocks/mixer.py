@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from kernels.dispatch import AUTO, OPS, BackendError
+from kernels.dispatch import AUTO, check_pin
 from kernels.packing import segment_positions
 
 
@@ -131,14 +131,9 @@ def check_backends(mixer: str, backends: dict[str, str] | None, uses: tuple[str,
     """
     backends = dict(backends or {})
     for op, name in backends.items():
-        if op not in OPS:
-            raise ValueError(f"{mixer}: backends names unknown op {op!r}; valid ops: {', '.join(sorted(OPS))}")
+        check_pin(op, name, f"{mixer}: backends[{op!r}]")
         if op not in uses:
             raise ValueError(f"{mixer}: backends names op {op!r}, which this mixer does not call; it calls: {', '.join(uses)}")
-        try:
-            OPS[op].check_name(name)
-        except BackendError as e:
-            raise ValueError(f"{mixer}: backends[{op!r}]: {e}") from None
     return {op: backends.get(op, AUTO) for op in uses}
 
 

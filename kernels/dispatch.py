@@ -35,6 +35,7 @@ import contextlib
 import importlib.metadata
 import logging
 import os
+import re
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -160,14 +161,20 @@ def parse_pins(spec: str, source: str = "backends") -> dict[str, str]:
         op, sep, name = (part.strip() for part in item.partition("="))
         if not sep or not op or not name:
             raise ValueError(f"{source} entry {item!r} must look like op=backend")
-        if op not in OPS:
-            raise ValueError(f"{source} entry {item!r}: unknown op {op!r}; valid ops: {', '.join(sorted(OPS))}")
-        try:
-            OPS[op].check_name(name)
-        except BackendError as e:
-            raise ValueError(f"{source} entry {item!r}: {e}") from None
+        check_pin(op, name, f"{source} entry {item!r}")
         pins[op] = name
     return pins
+
+
+def check_pin(op: str, name: str, where: str) -> None:
+    """Raise ValueError (prefixed by `where`) unless `op` is a registered op and `name` one of its
+    backends (or "auto"); the message lists the valid names."""
+    if op not in OPS:
+        raise ValueError(f"{where}: unknown op {op!r}; valid ops: {', '.join(sorted(OPS))}")
+    try:
+        OPS[op].check_name(name)
+    except BackendError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 _env_cache: tuple[str, dict[str, str]] = ("", {})
@@ -353,19 +360,28 @@ def record_choices() -> Iterator[list[tuple[str, str]]]:
         recorders.remove(sink)
 
 
-def module_probe(module: str, *, cuda: bool = False) -> Callable[[], Reason]:
-    """An availability probe: `module` importable (lazily), and CUDA present if `cuda`."""
+def module_probe(module: str, *, cuda: bool = False, requirement: str | None = None) -> Callable[[], Reason]:
+    """An availability probe: `module` importable (lazily), CUDA present if `cuda`, and, given its pip
+    `requirement` ("flash-attn>=2.3,<3": a minimum major.minor and a major bound), its __version__ in range."""
+    if requirement is not None:
+        parsed = re.fullmatch(r"([\w.-]+)>=(\d+)\.(\d+),<(\d+)", requirement)
+        if parsed is None:
+            raise ValueError(f"requirement {requirement!r} must look like 'package>=2.3,<3'")
+        package, bounds = parsed[1], requirement[len(parsed[1]):]
+        lo, hi = (int(parsed[2]), int(parsed[3])), (int(parsed[4]), 0)
 
     def probe() -> Reason:
         import importlib.util
 
         if importlib.util.find_spec(module) is None:
-            return f"{module} not installed"
-        if cuda:
-            import torch
-
-            if not torch.cuda.is_available():
-                return "needs CUDA"
+            hint = f" (pip install '{requirement}'{': CUDA builds only' if cuda else ''})" if requirement else ""
+            return f"{module} not installed{hint}"
+        if cuda and not torch.cuda.is_available():
+            return "needs CUDA"
+        if requirement is not None:
+            installed = importlib.import_module(module).__version__
+            if not lo <= tuple(int(x) for x in installed.split(".")[:2]) < hi:
+                return f"{package} {installed} installed; this backend needs {bounds}"
         return None
 
     return probe

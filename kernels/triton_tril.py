@@ -1,7 +1,10 @@
-"""Inverses of the unit lower triangular diagonal blocks of a matrix, in Triton (no GPU-sized
-product in registers: built from 16 x 16 pieces, no spills when compiled for sm_90).
+"""Unit lower triangular block systems (I - W) s = rhs in Triton: the inverses of the diagonal
+blocks (no GPU-sized product in registers: built from 16 x 16 pieces, no spills when compiled for
+sm_90), and block forward / transposed back substitution with them.
 
     inverse_kernel[(blocks, batch)](W, INV, blk0, nblk, nrows, col0, swb, swr, BT=64)
+    solve_kernel[(cdiv(D, BD), batch)](RHS, W, INV, S, ...)      # s_i = INV_i (rhs_i + sum_{c<i} W_ic s_c)
+    solve_t_kernel[(cdiv(D, BD), batch)](RHS, W, INV, U, ...)    # u_j = INV_j^T (rhs_j + sum_{c>j} W_cj^T u_c)
 
 For a strictly lower N (a diagonal block of W, rows past nrows masked), (I - N)^-1 is exact up to
 float32 rounding when the powers of N vanish (they do: N^BT = 0); well conditioned when
@@ -10,7 +13,10 @@ float32 rounding when the powers of N vanish (they do: N^BT = 0); well condition
 
 from __future__ import annotations
 
-from kernels.triton_utils import jit, mma, tl
+from kernels.triton_utils import autotune, jit, mma, tl
+
+# arguments that change from group to group: never specialised on
+_SOLVE_LENGTHS = ["blk0", "nblk", "nrows", "ncols", "col0", "row0", "ssb"]
 
 
 @jit
@@ -90,3 +96,57 @@ def inverse_kernel(W, INV, blk0, nblk, nrows, col0, swb, swr, BT: tl.constexpr):
         _store16(INV, base, BT, 3, 1, x31)
         _store16(INV, base, BT, 3, 2, x32)
         _store16(INV, base, BT, 3, 3, d3)
+
+
+@autotune([dict(num_warps=4), dict(num_warps=8)], key=["D"], interpret={})
+@jit(do_not_specialize=_SOLVE_LENGTHS)
+def solve_kernel(RHS, W, INV, S, blk0, nblk, nrows, col0, row0, D, srb, srr, swb, swr, ssb, sst,
+                  BT: tl.constexpr, BD: tl.constexpr):
+    """Block forward substitution inside a group: S[row0 + rows] = INV_i (RHS_i + sum_{c<i} W_ic S_c)."""
+    pd = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    a = tl.arange(0, BT)
+    dd = pd * BD + tl.arange(0, BD)
+    for i in range(0, tl.cdiv(nrows, BT)):
+        r = i * BT + a
+        acc = tl.load(RHS + b * srb + r[:, None] * srr + dd[None, :],
+                      mask=(r[:, None] < nrows) & (dd[None, :] < D), other=0.0)
+        for c in range(0, i):
+            cr = c * BT + a
+            w = tl.load(W + b * swb + r[:, None] * swr + (col0 + cr)[None, :], mask=r[:, None] < nrows, other=0.0)
+            s = tl.load(S + b * ssb + (row0 + cr)[:, None] * sst + dd[None, :], mask=dd[None, :] < D, other=0.0)
+            acc += mma(w, s, tl.float32)
+        inv = tl.load(INV + ((b * nblk + blk0 + i) * BT + a[:, None]) * BT + a[None, :])
+        s_i = mma(inv, acc, tl.float32)
+        tl.store(S + b * ssb + (row0 + r)[:, None] * sst + dd[None, :], s_i,
+                 mask=(r[:, None] < nrows) & (dd[None, :] < D))
+        tl.debug_barrier()  # the next block reads these rows from memory, maybe in other threads
+
+
+@autotune([dict(num_warps=4), dict(num_warps=8)], key=["D"], interpret={})
+@jit(do_not_specialize=_SOLVE_LENGTHS)
+def solve_t_kernel(RHS, W, INV, U, blk0, nblk, ncols, row0, D, srb, srr, swb, swr, sub, sut,
+                    BT: tl.constexpr, BD: tl.constexpr):
+    """Transposed block back substitution inside a group of columns, last block first:
+    U[row0 + cols] = INV_j^T (RHS_j + sum_{c > j} W_cj^T U_c); W holds rows row0.. and the group's columns."""
+    pd = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    a = tl.arange(0, BT)
+    dd = pd * BD + tl.arange(0, BD)
+    nb = tl.cdiv(ncols, BT)
+    for jj in range(0, nb):
+        j = nb - 1 - jj
+        r = j * BT + a
+        acc = tl.load(RHS + b * srb + r[:, None] * srr + dd[None, :],
+                      mask=(r[:, None] < ncols) & (dd[None, :] < D), other=0.0)
+        for c in range(j + 1, nb):
+            cr = c * BT + a
+            w = tl.load(W + b * swb + cr[:, None] * swr + r[None, :], mask=cr[:, None] < ncols, other=0.0)
+            u = tl.load(U + b * sub + (row0 + cr)[:, None] * sut + dd[None, :],
+                        mask=(cr[:, None] < ncols) & (dd[None, :] < D), other=0.0)
+            acc += mma(tl.trans(w), u, tl.float32)
+        inv = tl.load(INV + ((b * nblk + blk0 + j) * BT + a[:, None]) * BT + a[None, :])
+        u_j = mma(tl.trans(inv), acc, tl.float32)
+        tl.store(U + b * sub + (row0 + r)[:, None] * sut + dd[None, :], u_j,
+                 mask=(r[:, None] < ncols) & (dd[None, :] < D))
+        tl.debug_barrier()

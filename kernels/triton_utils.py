@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
+from kernels.precision import exact_float32 as exact_host_math  # noqa: F401  (the backends' host math)
+
 try:
     import triton
     import triton.language as tl
@@ -166,25 +168,6 @@ def product_dtype(*tensors: Tensor) -> torch.dtype:
     if dtype == torch.float32 and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return dtype
-
-
-@contextlib.contextmanager
-def exact_host_math(device: torch.device) -> Iterator[None]:
-    """Host-side PyTorch math of a backend in full float32: autocast off (it would run matmuls in
-    bfloat16) and TF32 off whatever `torch.set_float32_matmul_precision` says (TF32 keeps 10 mantissa
-    bits; the feedback solve amplifies errors by up to 1 / (1 - gamma_max)). The caller's setting is
-    restored through the API it was made with (torch refuses reads that mix its old and new APIs)."""
-    matmul = torch.backends.cuda.matmul
-    try:
-        saved, attr, exact = matmul.allow_tf32, "allow_tf32", False
-    except RuntimeError:  # the caller used the newer fp32_precision API
-        saved, attr, exact = matmul.fp32_precision, "fp32_precision", "ieee"
-    setattr(matmul, attr, exact)
-    try:
-        with torch.autocast(device.type, enabled=False):
-            yield
-    finally:
-        setattr(matmul, attr, saved)
 
 
 def sm_count(device: torch.device) -> int:

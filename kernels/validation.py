@@ -121,6 +121,29 @@ def ssd_case(name: str, B: int, T: int, H: int, P: int, G: int, N: int, init: bo
     return Case(name, make, large)
 
 
+def state_case(name: str, op: str, B: int, T: int, H: int, dk: int, dv: int, g: str | None, init: bool = False,
+               packed: list[int] | None = None, strided: bool = False, final: bool = True) -> Case:
+    """A `linear_attention` (g: "key" per key channel, "head", None) or `delta_rule` (g: "head", None;
+    unit keys, beta in (0, 1)) case; log decays in about (-6, 0)."""
+    def make(dtype, device):
+        gen = _gen(name)
+        decay = lambda *s: torch.nn.functional.logsigmoid(torch.randn(*s, generator=gen) * 2 + 2).to(device=device, dtype=dtype)  # noqa: E731
+        q, k, v = (_randn(gen, B, T, H, n, dtype=dtype, device=device, strided=strided) for n in (dk, dk, dv))
+        args = [q, k, v]
+        if op == "delta_rule":
+            k = torch.nn.functional.normalize(k.float(), dim=-1).to(dtype)
+            beta = torch.sigmoid(torch.randn(B, T, H, generator=gen)).to(device=device, dtype=dtype)
+            args = [q, k, v, beta]
+        args.append({"key": lambda: decay(B, T, H, dk), "head": lambda: decay(B, T, H), None: lambda: None}[g]())
+        kw = dict(chunk_size=64, return_final_state=final)
+        if init:
+            kw["initial_state"] = _randn(gen, B, H, dk, dv, dtype=dtype, device=device)
+        if packed:
+            kw["seq_idx"] = _segments(packed, B, device)
+        return tuple(args), kw
+    return Case(name, make)
+
+
 register_cases("attention", [
     attention_case("T77-H4-Hkv2-d64", 2, 77, 77, 4, 2, 64),
     attention_case("Tq5-S150-Hkv1-d128-window64", 2, 5, 150, 4, 1, 128, window=64),
@@ -137,6 +160,16 @@ register_cases("ssd", [
     ssd_case("T300-P64-G2-N64-init-packed", 2, 300, 4, 64, 2, 64, init=True, packed=[100, 1, 199]),
     ssd_case("T129-P128-N128", 1, 129, 2, 128, 1, 128, large=True),
     ssd_case("T77-H3-P24-N20-strided", 2, 77, 3, 24, 1, 20, strided=True),
+])
+register_cases("linear_attention", [
+    state_case("T300-dk64-gkey-init-packed", "linear_attention", 2, 300, 2, 64, 64, "key", init=True, packed=[100, 1, 199]),
+    state_case("T129-dk128-dv128-ghead", "linear_attention", 1, 129, 2, 128, 128, "head"),
+    state_case("T77-dk24-dv40-nog-init-strided", "linear_attention", 2, 77, 3, 24, 40, None, init=True, strided=True),
+])
+register_cases("delta_rule", [
+    state_case("T300-dk64-g-init-packed", "delta_rule", 2, 300, 2, 64, 64, "head", init=True, packed=[100, 1, 199]),
+    state_case("T129-dk128-dv128-nog", "delta_rule", 1, 129, 2, 128, 128, None),
+    state_case("T77-dk24-dv40-g-init-strided", "delta_rule", 2, 77, 3, 24, 40, "head", init=True, strided=True),
 ])
 
 
@@ -299,12 +332,12 @@ class Report:
 
     def __str__(self) -> str:
         lines = [f"validation on {self.device}",
-                 f"{'op':<15} {'backend':<10} {'dtype':<9} {'case':<34} {'forward':>9} {'grads':>9}  result"]
+                 f"{'op':<16} {'backend':<10} {'dtype':<9} {'case':<34} {'forward':>9} {'grads':>9}  result"]
         for r in self.rows:
             tol = TOLERANCE[getattr(torch, r.dtype)]
             result = r.note if not r.ran or math.isinf(r.forward) else ("ok" if r.passed(tol) else f"FAIL (> {tol:.0e})")
             errs = f"{r.forward:9.1e} {r.grads:9.1e}" if r.ran and not math.isinf(r.forward) else f"{'':9} {'':9}"
-            lines.append(f"{r.op:<15} {r.backend:<10} {r.dtype:<9} {r.case:<34} {errs}  {result}")
+            lines.append(f"{r.op:<16} {r.backend:<10} {r.dtype:<9} {r.case:<34} {errs}  {result}")
         for name, passed in self.verdicts.items():
             lines.append(f"{name}: {'validated' if passed else 'NOT validated'}")
         lines += [f"{name}: no validation cases for its op (stays unvalidated)" for name in self.missing]

@@ -210,6 +210,8 @@ LINEAR_ATTENTION_CASES = [
     linear_attention_case(1, 23, 2, 8, 8, init=True, packed=[5, 1, 17], chunk_size=8, tags={"packed"}),
     linear_attention_case(1, 40, 2, 8, 4, g=None, packed=[8, 1, 31], chunk_size=8, tags={"packed"}),  # starts on a boundary
     linear_attention_case(2, 70, 2, 8, 8, g="head", init=True, chunk_size=64),  # the default chunk, T > C
+    linear_attention_case(2, 300, 2, 64, 64, init=True, packed=[100, 1, 199], chunk_size=64, tags={"gpu", "packed"}),
+    linear_attention_case(1, 200, 2, 128, 128, g="head", chunk_size=64, tags={"gpu"}),
 ]
 
 
@@ -238,6 +240,8 @@ DELTA_RULE_CASES = [
     delta_rule_case(1, 23, 2, 8, 8, init=True, packed=[5, 1, 17], chunk_size=8, tags={"packed"}),
     delta_rule_case(1, 40, 2, 8, 4, g=None, packed=[8, 1, 31], chunk_size=8, tags={"packed"}),  # starts on a boundary
     delta_rule_case(2, 70, 2, 16, 8, init=True, chunk_size=64),  # the default chunk, T > C
+    delta_rule_case(2, 300, 2, 64, 64, init=True, packed=[100, 1, 199], chunk_size=64, tags={"gpu", "packed"}),
+    delta_rule_case(1, 200, 2, 128, 128, g=None, chunk_size=64, tags={"gpu"}),
 ]
 
 CASES = {"attention": ATTENTION_CASES, "feedback_solve": FEEDBACK_CASES, "ssd": SSD_CASES,

@@ -11,7 +11,7 @@ import torch
 from blocks.attention import Attention, AttentionState
 from kernels.packing import seq_idx_from_cu_seqlens, seq_idx_from_padding
 
-TOL = dict(atol=1e-10, rtol=1e-10)
+TOL = dict(atol=2e-14, rtol=2e-14)  # float64: about 10x the largest difference these checks show
 D = 16
 
 CONFIGS = {

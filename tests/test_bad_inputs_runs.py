@@ -12,7 +12,6 @@ import fnmatch
 import importlib.util
 import json
 import shutil
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,10 +20,11 @@ import pytest
 import torch
 
 from tests.bad_inputs import check_message, tree_hashes
+from tests.faults import Crash, crash_at, poison_weights_after
 from zoo import gin_config
 from zoo.train import checkpoint, configurables
 from zoo.train.loop import train
-from zoo.train.optim import adamw, warmup_cosine
+from zoo.train.optim import warmup_cosine
 from zoo.train.run_dir import read_final, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,50 +59,6 @@ def run(run_dir: Path, *params: str, optimizer=None, model_hook=None, **kwargs) 
 
     return train(config, build, configurables.configured_task(), run_dir,
                  operative_config=gin_config.operative_config, **kwargs)
-
-
-class Crash(Exception):
-    pass
-
-
-def crash_at(step: int):
-    """adamw whose `step`-th optimizer step (1-based, counted in this process) raises."""
-
-    def factory(model):
-        opt, calls = adamw(model, lr=1e-2), [0]
-        real = opt.step
-
-        def patched(self, *a, **kw):
-            calls[0] += 1
-            if calls[0] == step:
-                raise Crash(f"simulated kill in step {step}")
-            return real(*a, **kw)
-
-        opt.step = types.MethodType(patched, opt)
-        return opt
-
-    return factory
-
-
-def poison_weights_after(step: int):
-    """adamw that writes NaN into a weight right after its `step`-th update (a diverging update)."""
-
-    def factory(model):
-        opt, calls = adamw(model, lr=1e-2), [0]
-        real = opt.step
-
-        def patched(self, *a, **kw):
-            out = real(*a, **kw)
-            calls[0] += 1
-            if calls[0] == step:
-                with torch.no_grad():
-                    next(model.parameters()).fill_(float("nan"))
-            return out
-
-        opt.step = types.MethodType(patched, opt)
-        return opt
-
-    return factory
 
 
 def nan_gradient_in_call(call: int, value: float = float("nan")):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_tasks import SPEC_MOTIFS, spec_style
+from tests.test_symbol_soup import SPEC_MOTIFS, spec_style
 from zoo.tasks import MQAR, DiffuseMQAR, SymbolSoup, TextLM
 from zoo.tasks.recall_shortcuts import SHORTCUTS, SOLUTION, diffuse_mqar_predictions, mqar_predictions
 from zoo.tasks.reference import references

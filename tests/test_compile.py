@@ -3,8 +3,9 @@
 Dispatch resolves while dynamo traces (guards on dtype, device and shape) and its one-time log line
 runs at trace time, so the graphs hold only the chosen backends' computation: zero graph breaks
 (torch._dynamo.explain), and fullgraph=True compiles whose forward and backward equal eager ones,
-with dynamo's "eager" backend (seconds; inductor takes minutes on 2 cores: `tools/bench.py layer
---compile` runs it).
+with the "aot_eager" backend: dynamo's graph through AOT autograd's joint forward-backward tracing
+and decompositions (what inductor compiles), run by eager kernels, in seconds (inductor itself takes
+minutes on 2 cores: `tools/bench.py layer --compile` runs it).
 T = 140 exercises the chunked backends (feedback_solve's `chunked` takes T >= 129).
 """
 
@@ -32,7 +33,7 @@ def _block(name: str) -> torch.nn.Module:
     return GatedBlock(DIM, factory(name))
 
 
-def _compiled_matches_eager(model: torch.nn.Module, x: torch.Tensor, backend: str = "eager") -> None:
+def _compiled_matches_eager(model: torch.nn.Module, x: torch.Tensor, backend: str = "aot_eager") -> None:
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend=backend)
     y = compiled(x)

@@ -18,11 +18,12 @@ def test_dry_run_writes_json_and_markdown(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert out.stdout.splitlines()[0].startswith("device: CPU")  # versions first
     report = json.loads((tmp_path / "check.json").read_text())
-    assert set(report["versions"]) == {"device", "torch", "CUDA", "triton", "xformers", "flash-attn", "mamba-ssm"}
+    assert set(report["versions"]) == {"device", "torch", "CUDA", "triton", "xformers", "flash-attn", "mamba-ssm",
+                                        "flash-linear-attention"}
     rows = report["rows"]
     import kernels
 
-    for op in ("attention", "feedback_solve", "ssd"):
+    for op in kernels.OPS:
         for backend in kernels.get_op(op).backends:
             if backend == "reference":
                 continue
@@ -30,7 +31,8 @@ def test_dry_run_writes_json_and_markdown(tmp_path):
             assert {r["part"] for r in mine} == {"correctness", "speed"}, (op, backend)
             assert all(r["result"].startswith(("ok", "skipped: ")) for r in mine), mine
     ran = [r for r in rows if r["part"] == "correctness" and r["result"] == "ok"]
-    assert {(r["op"], r["backend"]) for r in ran} >= {("attention", "triton"), ("feedback_solve", "triton"), ("ssd", "triton")}
+    assert {(r["op"], r["backend"]) for r in ran} >= {("attention", "triton"), ("feedback_solve", "triton"), ("ssd", "triton"),
+                                                      ("linear_attention", "chunked"), ("delta_rule", "chunked")}
     assert all(r["error"] < 5e-2 for r in ran)
     speed = {r["backend"]: r for r in rows if r["part"] == "speed" and r["op"] == "attention"}
     assert speed["sdpa[flash]"]["fwd_x"] == 1.0 and "SDPA picks" in speed["sdpa"]["result"]

@@ -3,7 +3,7 @@
 The test writes random state dicts in mamba_ssm's key layout (models/mixer_seq_simple.py,
 modules/block.py, modules/mamba2.py, modules/mlp.py) with their MambaConfig, as a dict and as the
 folder mamba_ssm's save_pretrained writes (config.json + pytorch_model.bin). The zoo's logits equal
-an independent float64 model of mamba_ssm's layer (tests/upstream_mamba2.py) for the defaults and
+an independent float64 model of mamba_ssm's layer (zoo/interop/mamba2_reference.py) for the defaults and
 every supported option, greedy generations are identical, unsupported options fail naming
 themselves, and zoo -> mamba_ssm -> zoo is exact.
 """
@@ -17,11 +17,12 @@ import pytest
 import torch
 
 from tests.tolerances import INTEROP, INTEROP_FLOAT32_OF_MAX
-from tests.upstream_mamba2 import reference_greedy, reference_logits, ssm_config, ssm_state_dict
 from zoo import gin_config
 from zoo.generate import generate
 from zoo.interop import Mamba2LM, UnsupportedOptionError, load_mamba2, load_mamba_ssm, save_mamba_ssm
-from zoo.interop.mamba2 import SSM_CONFIG_DEFAULTS
+from zoo.interop.mamba2_config import SSM_CONFIG_DEFAULTS
+from zoo.interop.mamba2_random import ssm_config, ssm_state_dict
+from zoo.interop.mamba2_reference import reference_greedy, reference_logits
 
 V = 61
 OPTIONS = {  # MambaConfig / Mamba2 options that change the computation, at non-default values
@@ -149,7 +150,7 @@ def test_weights_that_do_not_fit_the_config_are_named():
     del sd["backbone.layers.1.mixer.D"]
     sd["backbone.layers.0.mixer.extra"] = torch.zeros(1)
     sd["backbone.layers.0.mixer.dt_bias"] = torch.zeros(7)
-    with pytest.raises(ValueError, match=r"(?s)missing \(1\): backbone\.layers\.1\.mixer\.D.*unexpected \(1\): "
+    with pytest.raises(ValueError, match=r"(?s)missing in checkpoint \(1\): backbone\.layers\.1\.mixer\.D.*not in config \(1\): "
                                          r"backbone\.layers\.0\.mixer\.extra.*dt_bias: checkpoint \(7,\)"):
         load_mamba_ssm(sd, config=config)
     tied = ssm_state_dict(config)

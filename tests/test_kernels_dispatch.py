@@ -16,7 +16,7 @@ import torch
 import kernels
 from kernels.attention import attention
 from kernels.dispatch import OPS, BackendError, Op, _logged, set_backend, use_backends
-from kernels.packing import seq_idx_from_cu_seqlens, seq_idx_from_padding
+from tests.test_proven_backends import ATTENTION_CASES, assert_attention_equals_reference
 
 
 @pytest.fixture
@@ -223,49 +223,16 @@ def memory_efficient_attention_equivalent(query, key, value, attn_bias=None, sca
     return out.unflatten(2, (G, -1)) if grouped else out
 
 
-XFORMERS_CASES = {
-    "causal": dict(B=2, Tq=7, S=7, H=4, Hkv=2),
-    "one-query": dict(B=2, Tq=1, S=9, H=2, Hkv=2),
-    "bottom-right": dict(B=2, Tq=3, S=10, H=4, Hkv=1),
-    "window": dict(B=2, Tq=11, S=11, H=2, Hkv=2, window=4),
-    "window-bottom-right": dict(B=1, Tq=4, S=12, H=4, Hkv=2, window=3),
-    "packed": dict(B=1, Tq=13, S=13, H=4, Hkv=2, cu=[0, 5, 6, 13]),
-    "packed-suffix": dict(B=1, Tq=4, S=13, H=2, Hkv=2, cu=[0, 5, 6, 10, 13]),  # first segments unseen
-    "packed-window": dict(B=1, Tq=13, S=13, H=2, Hkv=1, cu=[0, 7, 8, 13], window=3),
-    "left-padded": dict(B=3, Tq=3, S=8, H=2, Hkv=2, padded=[8, 2, 5]),
-}
-
-
 @pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
-@pytest.mark.parametrize("name", list(XFORMERS_CASES))
-def test_xformers_backend_logic_on_cpu(name, grad, monkeypatch):
+@pytest.mark.parametrize("name", list(ATTENTION_CASES))
+def test_xformers_mapping(name, grad, monkeypatch):
     """The xformers backend's layout and biases, run through xformers' documented equivalent: equal
     to the reference (GPU kernels are checked by the conformance suite where CUDA is present)."""
     fmha = pytest.importorskip("xformers.ops.fmha")
     monkeypatch.setattr(pytest.importorskip("xformers.ops"), "memory_efficient_attention",
                         memory_efficient_attention_equivalent)
-    c = XFORMERS_CASES[name]
     assert fmha.attn_bias.BlockDiagonalCausalFromBottomRightMask  # the bias types the backend uses exist
-    B, Tq, S, H, Hkv, d = c["B"], c["Tq"], c["S"], c["H"], c["Hkv"], 8
-    kw = {}
-    if "window" in c:
-        kw["window"] = c["window"]
-    if "cu" in c:
-        kw["seq_idx"] = seq_idx_from_cu_seqlens(torch.tensor(c["cu"])).expand(B, S)
-    if "padded" in c:
-        kw["seq_idx"] = seq_idx_from_padding(torch.tensor(c["padded"]), S)
-    q, k, v = (torch.randn(B, n, h, d, dtype=torch.float64, requires_grad=grad)
-               for n, h in ((Tq, H), (S, Hkv), (S, Hkv)))
-    with torch.set_grad_enabled(grad):
-        got = attention.backends["xformers"].fn(q, k, v, **kw)
-        want = attention.backends["reference"].fn(q, k, v, **kw)
-    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
-    if grad:
-        cot = torch.randn_like(want)
-        g = torch.autograd.grad((got * cot).sum(), (q, k, v))
-        w = torch.autograd.grad((want * cot).sum(), (q, k, v))
-        for a, b in zip(g, w):
-            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    assert_attention_equals_reference("xformers", grad, ATTENTION_CASES[name])
 
 
 def test_varlen_blocks_reject_non_contiguous_segments():

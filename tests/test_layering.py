@@ -1,5 +1,5 @@
-"""The package layering: imports point down only (kernels -> blocks -> zoo -> tools), and no module
-imports itself back through a cycle. Run on its own as `python -m pytest tests/test_layering.py -v`.
+"""The package layering: imports point down only (kernels -> blocks -> zoo -> tools), nothing there
+imports the tests, and no module imports itself back through a cycle. Run on its own as `python -m pytest tests/test_layering.py -v`.
 
 The graph holds every explicit `import` / `from ... import` in the library's source, module level
 and inside functions alike; `from pkg import name` counts as an import of `pkg.name` when that is
@@ -53,6 +53,17 @@ def test_imports_point_down_only():
         rank = LAYERS.index(name.split(".")[0])
         wrong += [f"{name} -> {t}" for t in targets if LAYERS.index(t.split(".")[0]) > rank]
     assert not wrong, "imports that point up the layers " + " > ".join(LAYERS) + ":\n" + "\n".join(wrong)
+
+
+def test_library_and_tools_never_import_the_tests():
+    """Tests are not installed with the package: nothing a user runs may need them."""
+    wrong = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                       else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            wrong += [f"{name} -> {t}" for t in targets if t == "tests" or t.startswith("tests.")]
+    assert not wrong, "imports of the test suite:\n" + "\n".join(wrong)
 
 
 def _cycle() -> list[str] | None:

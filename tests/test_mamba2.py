@@ -12,7 +12,7 @@ from blocks.mamba2 import Mamba2, Mamba2State
 from blocks.norms import GatedRMSNorm, RMSNorm
 from kernels.packing import seq_idx_from_cu_seqlens, seq_idx_from_padding
 
-TOL = dict(atol=1e-10, rtol=1e-10)
+TOL = dict(atol=2e-14, rtol=2e-14)  # float64: about 10x the largest difference these checks show
 DIM = 16
 
 

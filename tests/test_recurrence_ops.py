@@ -14,7 +14,7 @@ from kernels.delta_rule import delta_rule
 from kernels.linear_attention import linear_attention
 from kernels.packing import same_segment
 
-TOL = dict(rtol=1e-12, atol=1e-12)
+TOL = dict(rtol=2e-14, atol=2e-14)  # float64: about 10x the largest difference these checks show
 BACKENDS = ["reference", "chunked"]
 
 
@@ -162,9 +162,10 @@ def test_extreme_decays_stay_finite_and_exact(op_name):
         assert torch.isfinite(o).all() and all(torch.isfinite(gr).all() for gr in grads), backend
         results.append((o, grads))
     (o_ref, g_ref), (o, grads) = results
-    torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-4)
+    # float32, about 10x the largest differences measured here (outputs 9.5e-7, gradients 3.1e-5 of values up to 1e2)
+    torch.testing.assert_close(o, o_ref, rtol=3e-6, atol=3e-6)
     for a, b in zip(grads, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a, b, rtol=3e-5, atol=3e-5)
 
 
 def test_half_precision_is_computed_in_float32():
@@ -249,6 +250,6 @@ def test_value_checks_refuse_growing_decays_and_bad_segments(op_name):
     assert "value checks" in kernels.get_op(op_name).__doc__
 
 
-def test_both_ops_are_registered_with_both_backends():
+def test_both_ops_are_registered_with_their_backends():
     for name in ("linear_attention", "delta_rule"):
-        assert list(kernels.get_op(name).backends) == ["reference", "chunked"]
+        assert list(kernels.get_op(name).backends) == ["reference", "chunked", "fla"]

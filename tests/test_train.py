@@ -4,17 +4,17 @@ accumulation equals one big batch; the run folder, evaluation tool and error mes
 from __future__ import annotations
 
 import importlib.util
-import types
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.faults import Crash, crash_at
 from zoo import gin_config
 from zoo.train import checkpoint, configurables
 from zoo.train.checkpoint import CheckpointMismatchError
 from zoo.train.loop import TrainStream, train
-from zoo.train.optim import adamw, warmup_cosine
+from zoo.train.optim import warmup_cosine
 from zoo.train.run_dir import read_final, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,36 +98,13 @@ def test_run_folder_and_evaluate_tool(tmp_path, capsys):
     assert "| test |" in capsys.readouterr().out
 
 
-class Crash(Exception):
-    pass
-
-
-def crashing_adamw(crash_at_step: int):
-    """adamw whose `crash_at_step`-th step raises: the process dies mid-run."""
-
-    def factory(model):
-        opt = adamw(model, lr=1e-2)
-        real_step, calls = opt.step, [0]
-
-        def step(self, *args, **kwargs):
-            calls[0] += 1
-            if calls[0] == crash_at_step:
-                raise Crash(f"simulated crash in step {crash_at_step}")
-            return real_step(*args, **kwargs)
-
-        opt.step = types.MethodType(step, opt)
-        return opt
-
-    return factory
-
-
 def test_resume_reproduces_losses_exactly(tmp_path):
     params = ["TrainConfig.steps = 8", "TrainConfig.checkpoint_every = 3", "adamw.lr = 1e-2",
               "cosine_schedule.warmup_steps = 2", "TrainConfig.keep_checkpoints = 5", "TrainConfig.log_every = 2"]
     full = run(tmp_path / "full", "symbol_soup", *params)
 
     with pytest.raises(Crash):
-        run(tmp_path / "cut", "symbol_soup", *params, optimizer=crashing_adamw(crash_at_step=5))
+        run(tmp_path / "cut", "symbol_soup", *params, optimizer=crash_at(5))
     assert checkpoint.latest(tmp_path / "cut" / "checkpoints").name == "step_00000003"
     with pytest.raises(FileExistsError, match="pass --resume"):
         run(tmp_path / "cut", "symbol_soup", *params)

@@ -20,6 +20,7 @@ from kernels.attention import attention
 from kernels.feedback_solve import feedback_solve
 from kernels.ssd import ssd
 from kernels.triton_utils import INTERPRET, triton
+from tests.tolerances import tolerance
 
 pytestmark = pytest.mark.skipif(triton is None or not INTERPRET, reason="needs triton and TRITON_INTERPRET=1")
 
@@ -29,8 +30,9 @@ def _segments(lengths, B):
     return ids[None].expand(B, -1).contiguous()
 
 
-def _check_against_reference(op, args, kwargs, atol=2e-5):
-    """Forward and every float input's gradient of backend 'triton' vs 'reference' (float32)."""
+def _check_against_reference(op, args, kwargs):
+    """Forward and every float input's gradient of backend 'triton' vs 'reference' (float32), to the
+    conformance suite's tolerance for the Triton interpreter."""
     def run(backend):
         a = [t.detach().clone().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t for t in args]
         kw = {k: v.detach().clone().requires_grad_(v.is_floating_point()) if isinstance(v, torch.Tensor) else v
@@ -50,7 +52,8 @@ def _check_against_reference(op, args, kwargs, atol=2e-5):
             assert g is None or not g.any(), f"{name}: nonzero where the reference has none"
             continue
         scale = w.abs().max().clamp_min(1.0)
-        torch.testing.assert_close(g / scale, w / scale, atol=atol, rtol=atol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g / scale, w / scale, msg=lambda m: f"{name}: {m}",
+                                   **tolerance(op.name, torch.float32, "triton"))
 
 
 # ---------------------------------------------------------------- feedback_solve

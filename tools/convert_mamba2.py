@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from zoo import cli
-from zoo.interop.mamba2 import Mamba2LM, load_mamba2, save_hf_mamba2, save_mamba_ssm
+from zoo.interop import Mamba2LM, load_mamba2, save_hf_mamba2, save_mamba_ssm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 

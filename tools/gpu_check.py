@@ -5,16 +5,17 @@
     python tools/gpu_check.py --count-compiles # no GPU needed: the Triton compilations a cold run does
     python tools/gpu_check.py --resources      # no GPU needed: shared memory / registers / spills on sm_90
 
-1. Versions: device, torch, CUDA, Triton, xformers, flash-attn, mamba-ssm.
+1. Versions: device, torch, CUDA, Triton, xformers, flash-attn, mamba-ssm, flash-linear-attention.
 2. Correctness: every backend of every op that can run on the device against `reference` (float64)
    on kernels.validation's cases (odd lengths, GQA, windows, segments, caches, strided views, large
    head and state dims: bfloat16 only unless --store), float32 and bfloat16, forward and every
    gradient, one autotune config per Triton kernel (kernels.triton_utils.single_config). `--store`
    runs the full set and records the verdicts, as `tools/validate.py` would.
-3. Speed at B = 1, T = 8192, D = 1024, 16 heads (head dim 64; ssd: P = 64, N = 128), bfloat16: each
-   backend's forward against the op's baseline (attention: SDPA forced to its flash kernel; feedback
-   solve and ssd: `chunked`), then median forward and forward + backward times, as ratios to SDPA's
-   flash kernel on attention. The SDPA row says which kernel SDPA picks by itself.
+3. Speed at B = 1, T = 8192, D = 1024, 16 heads (head dim 64; ssd: P = 64, N = 128; linear
+   attention: a decay per key channel (GLA); delta rule: a decay per head (Gated DeltaNet)), bfloat16:
+   each backend's forward against the op's baseline (attention: SDPA forced to its flash kernel; the
+   others: `chunked`), then median forward and forward + backward times, as ratios to SDPA's flash
+   kernel on attention. The SDPA row says which kernel SDPA picks by itself.
 Every error (compilation, out of resources, a wrong result) is a failed row, never an abort; the exit
 status is 1 when a row failed.
 """
@@ -35,7 +36,10 @@ import torch
 from zoo import cli
 
 ROWS_TOL = {torch.float32: 2e-3, torch.bfloat16: 4e-2}
-BASELINE = {"attention": "sdpa[flash]", "feedback_solve": "chunked", "ssd": "chunked"}
+# FLA's kernels multiply float32 operands in TF32 (Triton's default on NVIDIA GPUs): about float16 precision
+TF32_TOL = {("linear_attention", "fla"): 1e-2, ("delta_rule", "fla"): 1e-2}
+BASELINE = {"attention": "sdpa[flash]", "feedback_solve": "chunked", "ssd": "chunked", "linear_attention": "chunked",
+            "delta_rule": "chunked"}
 
 
 @dataclass
@@ -61,7 +65,8 @@ def versions(device: torch.device) -> dict[str, str]:
             return "not installed"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter, dry run)"
     return {"device": name, "torch": torch.__version__, "CUDA": torch.version.cuda or "none", "triton": v("triton"),
-            "xformers": v("xformers"), "flash-attn": v("flash-attn"), "mamba-ssm": v("mamba-ssm")}
+            "xformers": v("xformers"), "flash-attn": v("flash-attn"), "mamba-ssm": v("mamba-ssm"),
+            "flash-linear-attention": v("flash-linear-attention")}
 
 
 # ------------------------------------------------------------------------------------------ correctness
@@ -74,7 +79,10 @@ def correctness(device: torch.device, store: bool, dry_run: bool) -> list[Row]:
     if dry_run:  # the smallest case of each op, shrunk further for the interpreter
         cases = {"attention": [validation.attention_case("dry-T9-gqa-window", 1, 9, 9, 2, 1, 16, window=4)],
                  "feedback_solve": [validation.feedback_case("dry-T9-past3", 1, 9, 16, P=3)],
-                 "ssd": [validation.ssd_case("dry-T9-init", 1, 9, 2, 16, 1, 16, init=True)]}
+                 "ssd": [validation.ssd_case("dry-T9-init", 1, 9, 2, 16, 1, 16, init=True)],
+                 "linear_attention": [validation.state_case("dry-T9-gkey-init", "linear_attention", 1, 9, 2, 8, 8, "key",
+                                                            init=True)],
+                 "delta_rule": [validation.state_case("dry-T9-g-init", "delta_rule", 1, 9, 2, 8, 8, "head", init=True)]}
     saved = dict(validation.CASES)
     validation.CASES.update(cases)
     try:
@@ -86,7 +94,7 @@ def correctness(device: torch.device, store: bool, dry_run: bool) -> list[Row]:
                                              progress=lambda r: print(f"  checked {r.op}/{r.backend} {r.case} {r.dtype}",
                                                                       file=sys.stderr, flush=True))
                 for r in report.rows:
-                    tol = ROWS_TOL[getattr(torch, r.dtype)]
+                    tol = row_tolerance(r.op, r.backend, getattr(torch, r.dtype))
                     err = None if not r.ran or math.isinf(r.forward) else max(r.forward, r.grads)
                     result = r.note if err is None else ("ok" if err <= tol else f"FAIL (> {tol:.0e})")
                     rows.append(Row("correctness", r.op, r.backend, r.case, r.dtype, error=err, result=result))
@@ -96,20 +104,17 @@ def correctness(device: torch.device, store: bool, dry_run: bool) -> list[Row]:
     return rows
 
 
+def row_tolerance(op: str, backend: str, dtype: torch.dtype) -> float:
+    """The largest error a correctness row may show: ROWS_TOL, looser for float32 products in TF32."""
+    return TF32_TOL.get((op, backend), ROWS_TOL[dtype]) if dtype == torch.float32 else ROWS_TOL[dtype]
+
+
 # ------------------------------------------------------------------------------------------ speed
 def _time(fn, device: torch.device, repeats: int) -> float:
     """Median milliseconds of fn() after one warm-up call (compilation and autotuning)."""
-    from zoo.bench import sync
+    from zoo.bench import call_seconds
 
-    fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return 1e3 * statistics.median(call_seconds(fn, device, repeats))
 
 
 def _sdpa_kernel_picked(q, k, v) -> str:
@@ -128,9 +133,14 @@ def speed_inputs(device: torch.device, B: int, T: int, D: int, H: int, N: int) -
     gamma = (torch.where(torch.rand(B, T, generator=g) < 0.5, -1.0, 1.0) * 0.99).to(device, torch.bfloat16)
     dt = torch.nn.functional.softplus(torch.randn(B, T, H, generator=g) - 1).to(device)
     A = -torch.exp(torch.randn(H, generator=g) * 0.5).to(device)
+    decay = lambda *s: torch.nn.functional.logsigmoid(torch.randn(*s, generator=g) * 2 + 2).to(device)  # noqa: E731
+    unit_keys = torch.nn.functional.normalize(torch.randn(B, T, H, d, generator=g), dim=-1).to(device, torch.bfloat16)
+    beta = torch.sigmoid(torch.randn(B, T, H, generator=g)).to(device, torch.bfloat16)
     return {"attention": ((r(B, T, H, d), r(B, T, H, d), r(B, T, H, d)), {}),
             "feedback_solve": ((r(B, T, D), r(B, T, D), r(B, T, D), gamma), {}),
-            "ssd": ((r(B, T, H, d), dt, A, r(B, T, 1, N), r(B, T, 1, N)), dict(chunk_size=64))}
+            "ssd": ((r(B, T, H, d), dt, A, r(B, T, 1, N), r(B, T, 1, N)), dict(chunk_size=64)),
+            "linear_attention": ((r(B, T, H, d), r(B, T, H, d), r(B, T, H, d), decay(B, T, H, d)), dict(chunk_size=64)),
+            "delta_rule": ((r(B, T, H, d), unit_keys, r(B, T, H, d), beta, decay(B, T, H)), dict(chunk_size=64))}
 
 
 def speed(device: torch.device, repeats: int, dry_run: bool) -> list[Row]:
@@ -234,6 +244,8 @@ def count_compiles() -> None:
     with virtual_gpu(compile=False) as seen:
         with single_config():
             for op, cases in validation.CASES.items():
+                if "triton" not in kernels.get_op(op).backends:
+                    continue
                 fn = kernels.get_op(op).backends["triton"].fn
                 for case in cases:
                     for dtype in (torch.bfloat16,) if case.large else (torch.float32, torch.bfloat16):
@@ -242,6 +254,8 @@ def count_compiles() -> None:
                         out = out[0] if isinstance(out, tuple) else out
                         out.float().sum().backward()
         for op, (args, kwargs) in speed_inputs(cpu, 1, 8192, 1024, 16, 128).items():
+            if "triton" not in kernels.get_op(op).backends:
+                continue
             args = tuple(a.detach().requires_grad_(True) if a.is_floating_point() else a for a in args)
             kernels.get_op(op).backends["triton"].fn(*args, **kwargs).float().sum().backward()
     by_kernel = seen.by_kernel()

@@ -2,7 +2,7 @@
 
     python tools/interop_parity.py            # needs the hf extra; run from the repository root
 
-For tiny random models (the test suite's, tests/upstream_mamba2.py), prints markdown tables of:
+For tiny random models (zoo/interop/mamba2_random.py, as the tests use), prints markdown tables of:
   - Hugging Face Mamba2ForCausalLM -> zoo, per option: max |logit difference| in float32 and
     bfloat16 (and each bfloat16 model's distance to the float32 logits), whether 32 greedy tokens
     agree (zoo.generate against transformers' generate without a cache);
@@ -16,21 +16,19 @@ For tiny random models (the test suite's, tests/upstream_mamba2.py), prints mark
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
-from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' tiny random models
 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from tests.upstream_mamba2 import hf_model, reference_logits, ssm_config, ssm_state_dict  # noqa: E402
 from zoo import cli, gin_config  # noqa: E402
 from zoo.generate import generate  # noqa: E402
 from zoo.interop import load_hf_mamba2, load_mamba_ssm  # noqa: E402
 from zoo.interop.hf import ZooForCausalLM  # noqa: E402
+from zoo.interop.mamba2_random import hf_model, ssm_config, ssm_state_dict  # noqa: E402
+from zoo.interop.mamba2_reference import reference_logits  # noqa: E402
 
 HF_OPTIONS = {
     "defaults": {}, "tie_word_embeddings": dict(tie_word_embeddings=True),

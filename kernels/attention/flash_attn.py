@@ -17,30 +17,16 @@ GPUs below compute capability 8.0.
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 from einops import rearrange
 from torch import Tensor
 
 from kernels.attention.contract import attention, check_inputs
+from kernels.dispatch import module_probe
 from kernels.packing import segment_blocks, varlen_keys
 
-MIN_VERSION = (2, 3)
 MAX_HEAD_DIM = 256
-
-
-def _probe() -> str | None:
-    if importlib.util.find_spec("flash_attn") is None:
-        return "flash_attn not installed (pip install 'flash-attn>=2.3,<3': CUDA builds only)"
-    if not torch.cuda.is_available():
-        return "needs CUDA"
-    import flash_attn
-
-    version = tuple(int(x) for x in flash_attn.__version__.split(".")[:2])
-    if not MIN_VERSION <= version < (3, 0):
-        return f"flash-attn {flash_attn.__version__} installed; this backend needs >=2.3,<3"
-    return None
+_probe = module_probe("flash_attn", cuda=True, requirement="flash-attn>=2.3,<3")
 
 
 def _supports(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, window: int | None = None,

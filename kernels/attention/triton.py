@@ -71,6 +71,15 @@ def _query_rows(pm, Tq, S, SEG, b, ssb, HAS_SEG: tl.constexpr, BM: tl.constexpr)
 
 
 @jit
+def _query_program(Tq, S, H, R, SEG, ssb, HAS_SEG: tl.constexpr, BM: tl.constexpr):
+    """This program's query block pm, batch b, head h and its key/value head g, rows i, positions, segments."""
+    pm = tl.program_id(0)
+    b, h = split_program(tl.program_id(1), H)
+    i, pos, seg_q = _query_rows(pm, Tq, S, SEG, b, ssb, HAS_SEG, BM)
+    return pm, b, h, h // R, i, pos, seg_q
+
+
+@jit
 def _key_range(pm, Tq, S, window, HAS_WINDOW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """[lo, hi): the keys query block pm may see (causal, and within the window), lo a multiple of BN."""
     lo = 0
@@ -89,16 +98,27 @@ def _query_range(pn, Tq, S, window, HAS_WINDOW: tl.constexpr, BM: tl.constexpr, 
     return tl.maximum(0, pn * BN - (S - Tq)) // BM * BM, hi
 
 
+@jit
+def _row_stats(LSE, DELTA, off, i, Tq):
+    """The forward's log-sum-exp and delta = rowsum(dO * O) of query rows i (0 past Tq)."""
+    return tl.load(LSE + off + i, mask=i < Tq, other=0.0), tl.load(DELTA + off + i, mask=i < Tq, other=0.0)
+
+
+@jit
+def _probs_and_score_grads(q, k, v, do, lse, delta, vis, scale, DOT: tl.constexpr):
+    """Backward tile (BM, BN): probabilities p = exp(q k^T scale - lse) where visible (else 0), and the
+    gradient of the scores ds = p * (dO v^T - delta); dq = ds k, dk = ds^T q (times scale), dv = p^T dO."""
+    p = tl.where(vis, tl.exp(mma(q, tl.trans(k), DOT) * scale - lse[:, None]), 0.0)
+    return p, p * (mma(do, tl.trans(v), DOT) - delta[:, None])
+
+
 @autotune(_FWD_CONFIGS, key=_KEY, interpret=dict(BM=16, BN=16), prune=_prune)
 @jit(do_not_specialize=_LENGTHS)
 def _fwd_kernel(Q, K, V, O, LSE, SEG, Tq, S, H, R, window, scale, D, DV,
                 sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh, ssb, TB,
                 HAS_WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, DOT: tl.constexpr,
                 BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    pm = tl.program_id(0)
-    b, h = split_program(tl.program_id(1), H)
-    g = h // R
-    i, pos, seg_q = _query_rows(pm, Tq, S, SEG, b, ssb, HAS_SEG, BM)
+    pm, b, h, g, i, pos, seg_q = _query_program(Tq, S, H, R, SEG, ssb, HAS_SEG, BM)
     dd = tl.arange(0, BD)
     dv = tl.arange(0, BDV)
     q = load_tile(Q + b * sqb + h * sqh, i, dd, sqt, Tq, D)
@@ -144,17 +164,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, SEG, Tq, S, H, Hkv, R, wi
         h = g * R + r
         for i0 in range(i_lo, i_hi, BM):
             i, pos, seg_q = _query_rows(i0 // BM, Tq, S, SEG, b, ssb, HAS_SEG, BM)
-            rows = i < Tq
             q = load_tile(Q + b * sqb + h * sqh, i, dd, sqt, Tq, D)
             do = load_tile(DO + b * sdb + h * sdh, i, dv, sdt, Tq, DV)
-            lse = tl.load(LSE + (b * H + h) * Tq + i, mask=rows, other=0.0)
-            delta = tl.load(DELTA + (b * H + h) * Tq + i, mask=rows, other=0.0)
-            vis = _visible(pos, j, S, window, seg_q, SEG, b, ssb, HAS_WINDOW, HAS_SEG) & rows[:, None]
-            x = mma(q, tl.trans(k), DOT) * scale
-            p = tl.where(vis, tl.exp(x - lse[:, None]), 0.0)
+            lse, delta = _row_stats(LSE, DELTA, (b * H + h) * Tq, i, Tq)
+            vis = _visible(pos, j, S, window, seg_q, SEG, b, ssb, HAS_WINDOW, HAS_SEG) & (i < Tq)[:, None]
+            p, ds = _probs_and_score_grads(q, k, v, do, lse, delta, vis, scale, DOT)
             dvacc += mma(tl.trans(p), do, DOT)
-            dp = mma(do, tl.trans(v), DOT)
-            ds = p * (dp - delta[:, None])
             dk += mma(tl.trans(ds), q, DOT)
     store_tile(DK + b * skgb + g * skgh, j, dd, skgt, S, D, dk * scale)
     store_tile(DV_ + b * svgb + g * svgh, j, dv, svgt, S, DV, dvacc)
@@ -166,28 +181,20 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEG, Tq, S, H, R, window, scale,
                    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, sqgb, sqgt, sqgh, ssb, TB,
                    HAS_WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, DOT: tl.constexpr,
                    BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    pm = tl.program_id(0)
-    b, h = split_program(tl.program_id(1), H)
-    g = h // R
-    i, pos, seg_q = _query_rows(pm, Tq, S, SEG, b, ssb, HAS_SEG, BM)
-    rows = i < Tq
+    pm, b, h, g, i, pos, seg_q = _query_program(Tq, S, H, R, SEG, ssb, HAS_SEG, BM)
     dd = tl.arange(0, BD)
     dv = tl.arange(0, BDV)
     q = load_tile(Q + b * sqb + h * sqh, i, dd, sqt, Tq, D)
     do = load_tile(DO + b * sdb + h * sdh, i, dv, sdt, Tq, DV)
-    lse = tl.load(LSE + (b * H + h) * Tq + i, mask=rows, other=0.0)
-    delta = tl.load(DELTA + (b * H + h) * Tq + i, mask=rows, other=0.0)
+    lse, delta = _row_stats(LSE, DELTA, (b * H + h) * Tq, i, Tq)
     dq = tl.zeros((BM, BD), dtype=tl.float32)
     lo, hi = _key_range(pm, Tq, S, window, HAS_WINDOW, BM, BN)
     for j0 in range(lo, hi, BN):
         j = j0 + tl.arange(0, BN)
         k = load_tile(K + b * skb + g * skh, j, dd, skt, S, D)
         v = load_tile(V + b * svb + g * svh, j, dv, svt, S, DV)
-        vis = _visible(pos, j, S, window, seg_q, SEG, b, ssb, HAS_WINDOW, HAS_SEG) & rows[:, None]
-        x = mma(q, tl.trans(k), DOT) * scale
-        p = tl.where(vis, tl.exp(x - lse[:, None]), 0.0)
-        dp = mma(do, tl.trans(v), DOT)
-        ds = p * (dp - delta[:, None])
+        vis = _visible(pos, j, S, window, seg_q, SEG, b, ssb, HAS_WINDOW, HAS_SEG) & (i < Tq)[:, None]
+        _, ds = _probs_and_score_grads(q, k, v, do, lse, delta, vis, scale, DOT)
         dq += mma(ds, k, DOT)
     store_tile(DQ + b * sqgb + h * sqgh, i, dd, sqgt, Tq, D, dq * scale)
 

@@ -31,6 +31,7 @@ from torch import Tensor
 from kernels.decays import decay_to_end, log_decays, segsum
 from kernels.delta_rule.contract import check_inputs, delta_rule
 from kernels.packing import segment_starts
+from kernels.precision import without_autocast
 
 AUTO_MIN_T = 16  # shorter inputs go to `reference` under automatic selection (measured: docs/delta_rule.md)
 
@@ -43,6 +44,7 @@ def _auto(q: Tensor, *args, **kwargs) -> str | None:
 
 
 @delta_rule.register("chunked", priority=10, auto=_auto)
+@without_autocast  # the contract computes in float32, under autocast too
 def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None = None, *,
                        scale: float | None = None, initial_state: Tensor | None = None,
                        seq_idx: Tensor | None = None, chunk_size: int = 64, return_final_state: bool = False):

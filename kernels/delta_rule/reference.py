@@ -10,9 +10,11 @@ from torch import Tensor
 
 from kernels.delta_rule.contract import check_inputs, delta_rule
 from kernels.packing import segment_starts
+from kernels.precision import without_autocast
 
 
 @delta_rule.register("reference", priority=0)
+@without_autocast  # the contract computes in float32, under autocast too
 def delta_rule_reference(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None = None, *,
                          scale: float | None = None, initial_state: Tensor | None = None,
                          seq_idx: Tensor | None = None, chunk_size: int = 64, return_final_state: bool = False):

@@ -44,7 +44,8 @@ per-row gains are folded into the small (n x D) operands, never into the n x (P 
 Saved for backward: q, kk, gamma and ss (q and k are the caller's tensors unless a dtype cast or a
 cache forces a copy): O(T (D + Dk)) per sequence. Working memory of either pass: two or three
 n x (P + T) blocks, O(T C). Half-precision inputs are computed in float32 and cast back (gradients
-too). Cost: about T^2 / 2 (Dk + D) multiply-adds forward and 2.5x that backward.
+too); forward and backward run in full float32 under autocast and whatever the TF32 / float32-matmul
+precision switches say (kernels.precision: the solve amplifies rounding by up to 1 / (1 - gamma)). Cost: about T^2 / 2 (Dk + D) multiply-adds forward and 2.5x that backward.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ import torch
 from torch import Tensor
 
 from kernels.feedback_solve.contract import check_inputs, feedback_solve
+from kernels.precision import exact_float32, exact_float32_backward
 
 DEFAULT_CHUNK_SIZE = 128  # measured: `python tools/bench.py layer --chunk-sweep` (docs/feedback_chunked.md)
 _chunk_size = DEFAULT_CHUNK_SIZE
@@ -138,6 +140,7 @@ class _FeedbackSolve(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @exact_float32_backward
     def backward(ctx, grad_s: Tensor):
         qw, keys, g, ss, seq_idx = ctx.saved_tensors
         P, chunk_size, scale, f_dtype, q_dtype, k_dtype, gamma_dtype, past_dtypes = ctx.meta
@@ -201,4 +204,5 @@ def feedback_solve_chunked(f: Tensor, q: Tensor, k: Tensor, gamma: Tensor, *, pa
     chunk_size = _chunk_size if chunk_size is None else chunk_size
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
-    return _FeedbackSolve.apply(f, q, k, gamma, past_k, past_s, seq_idx, chunk_size)
+    with exact_float32(f.device):
+        return _FeedbackSolve.apply(f, q, k, gamma, past_k, past_s, seq_idx, chunk_size)

@@ -15,11 +15,11 @@ Forward
      b. `inverse_kernel` (kernels.triton_tril): (I - W_ii)^-1 of each BT x BT diagonal block (unit lower triangular,
         by repeated squaring: (I - N)^-1 = (I + N)(I + N^2)(I + N^4)...), saved for the backward;
      c. rhs = f + W[:, :P + r0] @ ss[:P + r0]: the cache and all earlier groups, one batched GEMM;
-     d. `_solve_kernel`, parallel over batch and column tiles of D, block row by block row inside
+     d. `solve_kernel` (kernels.triton_tril), parallel over batch and column tiles of D, block row by block row inside
         the group: s_i = (I - W_ii)^-1 (rhs_i + sum_{c < i in group} W_ic s_c).
 Backward, with u = (I - W_new)^-T ds (so df = u):
   3. per group of columns, last group first: W[g0:, P + g0 : P + g1] into a buffer, rhs = ds +
-     W[g1:, group]^T u[g1:] (GEMM), then `_solve_t_kernel`: u_j = (I - W_jj)^-T (rhs_j + sum_{t > j
+     W[g1:, group]^T u[g1:] (GEMM), then `solve_t_kernel`: u_j = (I - W_jj)^-T (rhs_j + sum_{t > j
      in group} W_tj^T u_t), block columns from last to first;
   4. per group of rows: `_dlogits_kernel` recomputes alpha and P[t, j] = <u_t, ss_j> tile by tile
      and writes dlogit[t, j] = alpha[t, j] (gamma_t P[t, j] - e_t) with e_t = <u_t, s_t - f_t>
@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from kernels.feedback_solve.contract import check_inputs, feedback_solve
-from kernels.triton_tril import inverse_kernel
+from kernels.triton_tril import inverse_kernel, solve_kernel, solve_t_kernel
 from kernels.triton_utils import (INTERPRET, Reason, auto_check, autotune, check_tensors, dot_dtype, exact_host_math,
                                   jit, length_bucket, mma, product_dtype, sm_count, tl, triton, triton_probe)
 
@@ -71,23 +71,48 @@ def _padded(n: int) -> int:
 
 # ------------------------------------------------------------------------------------------ kernels
 @jit
+def _rows_dot_keys(A, B, rows, keys, nrows, nkeys, F, sat, sbt,
+                   BR: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr):
+    """(BR, BC) float32 tile of A[rows] . B[keys] over F features, BK at a time (rows >= nrows and keys
+    >= nkeys read as 0); A, B point at one batch row, with row strides sat, sbt."""
+    acc = tl.zeros((BR, BC), dtype=tl.float32)
+    for d0 in range(0, F, BK):
+        dd = d0 + tl.arange(0, BK)
+        a = tl.load(A + rows[:, None] * sat + dd[None, :], mask=(rows[:, None] < nrows) & (dd[None, :] < F), other=0.0)
+        b = tl.load(B + keys[:, None] * sbt + dd[None, :], mask=(keys[:, None] < nkeys) & (dd[None, :] < F), other=0.0)
+        acc += mma(a, tl.trans(b), DOT)
+    return acc
+
+
+@jit
 def _logits(Q, K, SEG, b, rows, keys, T, L, P, DK, scale, sqb, sqt, skb, skt, ssb,
             HAS_SEG: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr):
     """Scaled logits (BR, BC) of new rows `rows` against keys `keys`, -inf where not visible."""
-    acc = tl.zeros((BR, BC), dtype=tl.float32)
-    for d0 in range(0, DK, BK):
-        dd = d0 + tl.arange(0, BK)
-        q = tl.load(Q + b * sqb + rows[:, None] * sqt + dd[None, :],
-                    mask=(rows[:, None] < T) & (dd[None, :] < DK), other=0.0)
-        k = tl.load(K + b * skb + keys[:, None] * skt + dd[None, :],
-                    mask=(keys[:, None] < L) & (dd[None, :] < DK), other=0.0)
-        acc += mma(q, tl.trans(k), DOT)
+    acc = _rows_dot_keys(Q + b * sqb, K + b * skb, rows, keys, T, L, DK, sqt, skt, BR, BC, BK, DOT)
     visible = (keys[None, :] < P + rows[:, None]) & (rows[:, None] < T)
     if HAS_SEG:
         seg_row = tl.load(SEG + b * ssb + P + rows, mask=rows < T, other=-1)
         seg_key = tl.load(SEG + b * ssb + keys, mask=keys < L, other=-2)
         visible = visible & (seg_row[:, None] == seg_key[None, :])
     return tl.where(visible, acc * scale, float("-inf")), visible
+
+
+@jit
+def _row_tile(r0, T, BR: tl.constexpr):
+    """This program's tile of the (rows, keys, batch) grid: column tile pc, batch b, rows r0 + ri, the last row."""
+    pr = tl.program_id(0)
+    ri = pr * BR + tl.arange(0, BR)
+    return tl.program_id(1), tl.program_id(2).to(tl.int64), ri, r0 + ri, tl.minimum(r0 + pr * BR + BR, T) - 1
+
+
+@jit
+def _alpha_gamma(Q, K, SEG, LSE, GAM, b, rows, keys, T, L, P, DK, scale, sqb, sqt, skb, skt, ssb,
+                 HAS_SEG: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr):
+    """alpha (BR, BC), the strict-past softmax recomputed from the logits and the saved lse (0 where not
+    visible), and gamma (BR,) of the rows."""
+    x, visible = _logits(Q, K, SEG, b, rows, keys, T, L, P, DK, scale, sqb, sqt, skb, skt, ssb, HAS_SEG, BR, BC, BK, DOT)
+    lse = tl.load(LSE + b * T + rows, mask=rows < T, other=0.0)
+    return tl.where(visible, tl.exp(x - lse[:, None]), 0.0), tl.load(GAM + b * T + rows, mask=rows < T, other=0.0)
 
 
 @autotune(_TILE_CONFIGS, key=_TILE_KEY, interpret=_TILE_INTERPRET, prune=_prune_tiles)
@@ -118,77 +143,16 @@ def _weights_kernel(Q, K, SEG, LSE, GAM, W, r0, nrows, c0, ncols, T, L, P, DK, s
                     sqb, sqt, skb, skt, ssb, TB, swb, swr,
                     HAS_SEG: tl.constexpr, DOT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
     """W[b, i, j] = gamma_t alpha[t, key] for rows t = r0 + i < r0 + nrows, keys c0 + j < c0 + ncols."""
-    pr = tl.program_id(0)
-    pc = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    ri = pr * BR + tl.arange(0, BR)
+    pc, b, ri, rows, last_row = _row_tile(r0, T, BR)
     cj = pc * BC + tl.arange(0, BC)
-    rows = r0 + ri
     keys = c0 + cj
-    last_row = tl.minimum(r0 + pr * BR + BR, T) - 1
     if c0 + pc * BC < P + last_row:  # the tile holds some visible key
-        x, visible = _logits(Q, K, SEG, b, rows, keys, T, L, P, DK, scale, sqb, sqt, skb, skt, ssb,
-                             HAS_SEG, BR, BC, BK, DOT)
-        lse = tl.load(LSE + b * T + rows, mask=rows < T, other=0.0)
-        g = tl.load(GAM + b * T + rows, mask=rows < T, other=0.0)
-        w = tl.where(visible, tl.exp(x - lse[:, None]), 0.0) * g[:, None]
+        alpha, g = _alpha_gamma(Q, K, SEG, LSE, GAM, b, rows, keys, T, L, P, DK, scale, sqb, sqt, skb, skt, ssb,
+                                HAS_SEG, BR, BC, BK, DOT)
+        w = alpha * g[:, None]
     else:
         w = tl.zeros((BR, BC), dtype=tl.float32)
     tl.store(W + b * swb + ri[:, None] * swr + cj[None, :], w, mask=(ri[:, None] < nrows) & (cj[None, :] < ncols))
-
-
-@autotune([dict(num_warps=4), dict(num_warps=8)], key=["D"], interpret={})
-@jit(do_not_specialize=_LENGTHS)
-def _solve_kernel(RHS, W, INV, S, blk0, nblk, nrows, col0, row0, D, srb, srr, swb, swr, ssb, sst,
-                  BT: tl.constexpr, BD: tl.constexpr):
-    """Block forward substitution inside a group: S[row0 + rows] = INV_i (RHS_i + sum_{c<i} W_ic S_c)."""
-    pd = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    a = tl.arange(0, BT)
-    dd = pd * BD + tl.arange(0, BD)
-    for i in range(0, tl.cdiv(nrows, BT)):
-        r = i * BT + a
-        acc = tl.load(RHS + b * srb + r[:, None] * srr + dd[None, :],
-                      mask=(r[:, None] < nrows) & (dd[None, :] < D), other=0.0)
-        for c in range(0, i):
-            cr = c * BT + a
-            w = tl.load(W + b * swb + r[:, None] * swr + (col0 + cr)[None, :], mask=r[:, None] < nrows, other=0.0)
-            s = tl.load(S + b * ssb + (row0 + cr)[:, None] * sst + dd[None, :], mask=dd[None, :] < D, other=0.0)
-            acc += mma(w, s, tl.float32)
-        inv = tl.load(INV + ((b * nblk + blk0 + i) * BT + a[:, None]) * BT + a[None, :])
-        s_i = mma(inv, acc, tl.float32)
-        tl.store(S + b * ssb + (row0 + r)[:, None] * sst + dd[None, :], s_i,
-                 mask=(r[:, None] < nrows) & (dd[None, :] < D))
-        tl.debug_barrier()  # the next block reads these rows from memory, maybe in other threads
-
-
-@autotune([dict(num_warps=4), dict(num_warps=8)], key=["D"], interpret={})
-@jit(do_not_specialize=_LENGTHS + ["ncols"])
-def _solve_t_kernel(RHS, W, INV, U, blk0, nblk, ncols, row0, D, srb, srr, swb, swr, sub, sut,
-                    BT: tl.constexpr, BD: tl.constexpr):
-    """Transposed block back substitution inside a group of columns, last block first:
-    U[row0 + cols] = INV_j^T (RHS_j + sum_{c > j} W_cj^T U_c); W holds rows row0.. and the group's columns."""
-    pd = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    a = tl.arange(0, BT)
-    dd = pd * BD + tl.arange(0, BD)
-    nb = tl.cdiv(ncols, BT)
-    for jj in range(0, nb):
-        j = nb - 1 - jj
-        r = j * BT + a
-        acc = tl.load(RHS + b * srb + r[:, None] * srr + dd[None, :],
-                      mask=(r[:, None] < ncols) & (dd[None, :] < D), other=0.0)
-        for c in range(j + 1, nb):
-            cr = c * BT + a
-            w = tl.load(W + b * swb + cr[:, None] * swr + r[None, :], mask=cr[:, None] < ncols, other=0.0)
-            u = tl.load(U + b * sub + (row0 + cr)[:, None] * sut + dd[None, :],
-                        mask=(cr[:, None] < ncols) & (dd[None, :] < D), other=0.0)
-            acc += mma(tl.trans(w), u, tl.float32)
-        inv = tl.load(INV + ((b * nblk + blk0 + j) * BT + a[:, None]) * BT + a[None, :])
-        u_j = mma(tl.trans(inv), acc, tl.float32)
-        tl.store(U + b * sub + (row0 + r)[:, None] * sut + dd[None, :], u_j,
-                 mask=(r[:, None] < ncols) & (dd[None, :] < D))
-        tl.debug_barrier()
 
 
 @autotune([dict(BR=64, num_warps=4, num_stages=2), dict(BR=64, num_warps=8, num_stages=2),
@@ -200,29 +164,14 @@ def _dlogits_kernel(Q, K, SEG, LSE, GAM, U, S, E, DL, DGP, WP, r0, nrows, ncols,
                     BR: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
     """For rows r0 + i and keys j < ncols: DL = dlogit, DGP[.., pc] = the tile's part of dgamma,
     WP = W on the cache's columns (keys < P)."""
-    pr = tl.program_id(0)
-    pc = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    ri = pr * BR + tl.arange(0, BR)
+    pc, b, ri, rows, last_row = _row_tile(r0, T, BR)
     keys = pc * BC + tl.arange(0, BC)
-    rows = r0 + ri
     out = (ri[:, None] < nrows) & (keys[None, :] < ncols)
-    last_row = tl.minimum(r0 + pr * BR + BR, T) - 1
     if pc * BC < P + last_row:
-        x, visible = _logits(Q, K, SEG, b, rows, keys, T, L, P, DK, scale, sqb, sqt, skb, skt, ssb,
-                             HAS_SEG, BR, BC, BK, DOT)
-        lse = tl.load(LSE + b * T + rows, mask=rows < T, other=0.0)
-        g = tl.load(GAM + b * T + rows, mask=rows < T, other=0.0)
+        alpha, g = _alpha_gamma(Q, K, SEG, LSE, GAM, b, rows, keys, T, L, P, DK, scale, sqb, sqt, skb, skt, ssb,
+                                HAS_SEG, BR, BC, BK, DOT)
         e = tl.load(E + b * T + rows, mask=rows < T, other=0.0)
-        alpha = tl.where(visible, tl.exp(x - lse[:, None]), 0.0)
-        p = tl.zeros((BR, BC), dtype=tl.float32)
-        for d0 in range(0, D, BK):
-            dd = d0 + tl.arange(0, BK)
-            u = tl.load(U + b * sub + rows[:, None] * sut + dd[None, :],
-                        mask=(rows[:, None] < T) & (dd[None, :] < D), other=0.0)
-            s = tl.load(S + b * s2b + keys[:, None] * s2t + dd[None, :],
-                        mask=(keys[:, None] < L) & (dd[None, :] < D), other=0.0)
-            p += mma(u, tl.trans(s), tl.float32)
+        p = _rows_dot_keys(U + b * sub, S + b * s2b, rows, keys, T, L, D, sut, s2t, BR, BC, BK, tl.float32)
         dl = alpha * (g[:, None] * p - e[:, None])
         dg = tl.sum(alpha * p, 1)
         if HAS_PAST:
@@ -298,7 +247,7 @@ class _FeedbackSolveTriton(torch.autograd.Function):
             if P + r0:
                 rhs = torch.baddbmm(rhs, w[:, :, :P + r0], ss[:, :P + r0])
             rhs = rhs.contiguous()
-            _solve_kernel[(triton.cdiv(D, BD), B)](rhs, w, inv, ss, r0 // BT, nblk, n, P + r0, P + r0, D,
+            solve_kernel[(triton.cdiv(D, BD), B)](rhs, w, inv, ss, r0 // BT, nblk, n, P + r0, P + r0, D,
                                                   rhs.stride(0), rhs.stride(1), w.stride(0), w.stride(1),
                                                   ss.stride(0), ss.stride(1), BT=BT, BD=BD)
         ctx.save_for_backward(f, q, keys, g32, ss, lse, inv, seg)
@@ -337,7 +286,7 @@ class _FeedbackSolveTriton(torch.autograd.Function):
             if g1 < T:
                 rhs = torch.baddbmm(rhs, w[:, ncols:, :ncols].transpose(1, 2), u[:, g1:])
             rhs = rhs.contiguous()
-            _solve_t_kernel[(triton.cdiv(D, BD), B)](rhs, w, inv, u, g0 // BT, nblk, ncols, g0, D,
+            solve_t_kernel[(triton.cdiv(D, BD), B)](rhs, w, inv, u, g0 // BT, nblk, ncols, g0, D,
                                                     rhs.stride(0), rhs.stride(1), w.stride(0), w.stride(1),
                                                     u.stride(0), u.stride(1), BT=BT, BD=BD)
         e = torch.einsum("btd,btd->bt", u, ss[:, P:] - f.float()).contiguous()  # gamma_t sum_j alpha P

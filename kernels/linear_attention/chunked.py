@@ -40,6 +40,7 @@ from torch import Tensor
 from kernels.decays import decay_to_end, log_decays, segsum
 from kernels.linear_attention.contract import check_inputs, linear_attention
 from kernels.packing import segment_starts
+from kernels.precision import without_autocast
 
 KEY_DECAY_MAX_CHUNK = 16  # chunk cap of the pairwise per-key-channel form (see the module docstring)
 FACTOR_MAX_LOG_DECAY = 60.0  # the factored per-key-channel form needs every chunk's decay >= exp(-60)
@@ -62,6 +63,7 @@ def _factorable(g: Tensor, C: int) -> bool:
 
 
 @linear_attention.register("chunked", priority=10, auto=_auto)
+@without_autocast  # the contract computes in float32, under autocast too
 def linear_attention_chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, scale: float | None = None,
                              initial_state: Tensor | None = None, seq_idx: Tensor | None = None,
                              chunk_size: int = 64, return_final_state: bool = False):

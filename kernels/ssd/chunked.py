@@ -56,7 +56,9 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, initi
 
     # 1. intra-chunk outputs: (C_l . B_s) * decay(s -> l) on the causal diagonal blocks
     decay = torch.exp(segsum(a))  # (b, g, r, c, l, s)
-    scores = torch.einsum("bclgn,bcsgn->bgcls", Cc, Bc)
+    # a fresh contiguous copy: einsum's result strides on size-1 dims (G = 1) differ from the ones AOT
+    # autograd's fake tensors predict, and the next einsum's traced view then fails (aot_eager)
+    scores = torch.einsum("bclgn,bcsgn->bgcls", Cc, Bc).clone(memory_format=torch.contiguous_format)
     y = torch.einsum("bgcls,bgrcls,bcsgrp->bclgrp", scores, decay, X)
 
     # 2. each chunk's contribution to the state at its end: decay(s -> end of chunk) = last row

@@ -15,30 +15,16 @@ Declines (with reasons): CPU tensors, float64, B and C of different dtypes, P > 
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 from torch import Tensor
 
+from kernels.dispatch import module_probe
 from kernels.ssd.contract import check_inputs, ssd
 
-MIN_VERSION = (2, 0)
 MAX_HEAD_DIM = 128  # P
 MAX_STATE_DIM = 256  # N
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _probe() -> str | None:
-    if importlib.util.find_spec("mamba_ssm") is None:
-        return "mamba_ssm not installed (pip install 'mamba-ssm>=2.0,<3': CUDA builds only)"
-    if not torch.cuda.is_available():
-        return "needs CUDA"
-    import mamba_ssm
-
-    version = tuple(int(x) for x in mamba_ssm.__version__.split(".")[:2])
-    if not MIN_VERSION <= version < (3, 0):
-        return f"mamba-ssm {mamba_ssm.__version__} installed; this backend needs >=2.0,<3"
-    return None
+_probe = module_probe("mamba_ssm", cuda=True, requirement="mamba-ssm>=2.0,<3")
 
 
 def _supports(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, initial_state: Tensor | None = None,

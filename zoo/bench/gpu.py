@@ -7,6 +7,8 @@
      feedback_solve  triton, chunked, reference (dense T x T; the baseline)
      attention       sdpa (the baseline), xformers, flash_attn (when installed), triton
      ssd             chunked (the baseline), mamba_ssm (when installed), triton
+     linear_attention chunked (the baseline), fla (when installed); a decay per key channel (GLA)
+     delta_rule      chunked (the baseline), fla (when installed); a decay per head (Gated DeltaNet)
    at --dtype (bfloat16), width --dim 1024 with --heads 16 (head dim 64; ssd: P = 64, N = --state),
    for each T in --lengths (2048 ... 16384); one table, ratios to each op's baseline.
 
@@ -21,18 +23,18 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from typing import Callable
 
 import torch
 
 import kernels
 from kernels.triton_utils import INTERPRET
-from zoo.bench import DTYPES, sync
+from zoo.bench import DTYPES, call_seconds, sync
 
-BASELINE = {"feedback_solve": "reference", "attention": "sdpa", "ssd": "chunked"}
+BASELINE = {"feedback_solve": "reference", "attention": "sdpa", "ssd": "chunked", "linear_attention": "chunked",
+            "delta_rule": "chunked"}
 TIMED = {"feedback_solve": ["reference", "chunked", "triton"], "attention": ["sdpa", "xformers", "flash_attn", "triton"],
-         "ssd": ["chunked", "mamba_ssm", "triton"]}
+         "ssd": ["chunked", "mamba_ssm", "triton"], "linear_attention": ["chunked", "fla"], "delta_rule": ["chunked", "fla"]}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +71,18 @@ def ssd_inputs(B: int, T: int, H: int, P: int, N: int, dtype: torch.dtype, devic
     return (r(B, T, H, P), dt, A, r(B, T, 1, N), r(B, T, 1, N)), dict(chunk_size=64)
 
 
+def state_inputs(op: str, B: int, T: int, H: int, d: int, dtype: torch.dtype, device: torch.device):
+    """linear_attention with a decay per key channel, or delta_rule with unit keys and a decay per head."""
+    g = torch.Generator(device="cpu").manual_seed(T + d)
+    r = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    decay = lambda *s: torch.nn.functional.logsigmoid(torch.randn(*s, generator=g) * 2 + 2).to(device)  # noqa: E731
+    if op == "linear_attention":
+        return (r(B, T, H, d), r(B, T, H, d), r(B, T, H, d), decay(B, T, H, d)), dict(chunk_size=64)
+    keys = torch.nn.functional.normalize(torch.randn(B, T, H, d, generator=g), dim=-1).to(device=device, dtype=dtype)
+    beta = torch.sigmoid(torch.randn(B, T, H, generator=g)).to(device=device, dtype=dtype)
+    return (r(B, T, H, d), keys, r(B, T, H, d), beta, decay(B, T, H)), dict(chunk_size=64)
+
+
 def run_checks(device: torch.device, tiny: bool) -> bool:
     """Every backend that runs on the device against reference on kernels.validation's cases (the
     largest in half precision only), float32 and bfloat16; prints the table, nothing stored."""
@@ -97,14 +111,7 @@ def _leaves(args, kwargs):
 
 def _measure(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float]:
     """(best milliseconds, peak MiB above what was allocated before) of fn(), after one warm-up call."""
-    fn()  # warm-up: compilation and autotuning
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
+    times = call_seconds(fn, device, repeats)
     peak = math.nan
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -121,6 +128,8 @@ def _timed_inputs(op_name: str, args: argparse.Namespace, T: int, device: torch.
         return feedback_inputs(B, T, D, dtype, device)
     if op_name == "attention":
         return attention_inputs(B, T, H, D // H, dtype, device)
+    if op_name in ("linear_attention", "delta_rule"):
+        return state_inputs(op_name, B, T, H, D // H, dtype, device)
     return ssd_inputs(B, T, H, D // H, args.state, dtype, device)
 
 
@@ -179,7 +188,7 @@ def run(args: argparse.Namespace) -> None:
 
     print(f"timings: {args.dtype}, B={args.batch}, D={args.dim}, {args.heads} heads, ssd N={args.state}; "
           f"best of {args.repeats}; ratios to each op's baseline ({', '.join(f'{k}: {v}' for k, v in BASELINE.items())})")
-    header = (f"{'op':<15} {'backend':<10} {'T':>6} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak MiB':>9} "
+    header = (f"{'op':<16} {'backend':<10} {'T':>6} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak MiB':>9} "
               f"{'fwd x':>7} {'f+b x':>7} {'mem x':>7}  note")
     print(header)
     print("-" * len(header))
@@ -191,7 +200,7 @@ def run(args: argparse.Namespace) -> None:
             base = rows.get(BASELINE[op_name], {})
             for backend, r in rows.items():
                 ratio = lambda key: (r[key] / base[key]) if key in r and key in base else None  # noqa: E731
-                print(f"{op_name:<15} {backend:<10} {T:>6} {_fmt(r.get('fwd'), '9.2f')} {_fmt(r.get('fwdbwd'), '11.2f')} "
+                print(f"{op_name:<16} {backend:<10} {T:>6} {_fmt(r.get('fwd'), '9.2f')} {_fmt(r.get('fwdbwd'), '11.2f')} "
                       f"{_fmt(r.get('fwdbwd_mem'), '9.0f')} {_fmt(ratio('fwd'), '7.2f')} {_fmt(ratio('fwdbwd'), '7.2f')} "
                       f"{_fmt(ratio('fwdbwd_mem'), '7.2f')}  {r.get('note', '')}")
         print()

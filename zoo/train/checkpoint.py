@@ -31,6 +31,7 @@ import pickle
 import re
 import shutil
 from pathlib import Path
+from typing import Callable, Iterable, Mapping
 
 import torch
 from safetensors.torch import load as st_load
@@ -111,22 +112,32 @@ def load_weights(path: str | Path) -> dict[str, Tensor]:
     return tensors
 
 
+def mismatch_lines(expected: Mapping[str, Tensor], found: Mapping[str, Tensor], against: str = "model",
+                   unexpected: Iterable[str] = (), name: Callable[[str], str] = str) -> list[str]:
+    """One line each for the tensors missing from `found`, those not in `expected` (plus `unexpected`,
+    named already) and those of another shape; [] when the two match. `name` renames keys for the
+    message, `against` names what `expected` came from."""
+    missing = sorted(name(k) for k in expected if k not in found)
+    unexpected = sorted([*(name(k) for k in found if k not in expected), *unexpected])
+    shapes = sorted(f"{name(k)}: checkpoint {tuple(found[k].shape)} vs {against} {tuple(expected[k].shape)}"
+                    for k in found if k in expected and tuple(found[k].shape) != tuple(expected[k].shape))
+    lines = []
+    if missing:
+        lines.append(f"  missing in checkpoint ({len(missing)}): {', '.join(missing)}")
+    if unexpected:
+        lines.append(f"  not in {against} ({len(unexpected)}): {', '.join(unexpected)}")
+    if shapes:
+        lines.append(f"  shape mismatch ({len(shapes)}): " + "; ".join(shapes))
+    return lines
+
+
 def check_compatible(model_state: dict[str, Tensor], loaded: dict[str, Tensor], source: str) -> None:
     """Raise CheckpointMismatchError naming every missing, unexpected and mis-shaped tensor."""
-    missing = sorted(set(model_state) - set(loaded))
-    unexpected = sorted(set(loaded) - set(model_state))
-    shapes = sorted(f"{k}: checkpoint {tuple(loaded[k].shape)} vs model {tuple(model_state[k].shape)}"
-                    for k in set(model_state) & set(loaded) if tuple(loaded[k].shape) != tuple(model_state[k].shape))
-    if missing or unexpected or shapes:
-        lines = [f"checkpoint {source} does not match the model:"]
-        if missing:
-            lines.append(f"  missing in checkpoint ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            lines.append(f"  not in model ({len(unexpected)}): {', '.join(unexpected)}")
-        if shapes:
-            lines.append(f"  shape mismatch ({len(shapes)}): " + "; ".join(shapes))
-        lines.append("  (was it trained with a different gin config? load it with the run's own config.gin)")
-        raise CheckpointMismatchError("\n".join(lines))
+    lines = mismatch_lines(model_state, loaded)
+    if lines:
+        raise CheckpointMismatchError("\n".join([f"checkpoint {source} does not match the model:", *lines,
+                                                 "  (was it trained with a different gin config? load it with the "
+                                                 "run's own config.gin)"]))
 
 
 # ----------------------------------------------------------------------------- manifest (integrity)
