@@ -15,7 +15,7 @@ decay per pair and channel. Two forms:
     exp(b_id) * exp(-b_jd), so the scores are one matmul, (q * exp(b)) (k * exp(-b))^T, masked to
     j <= i in the same segment (b summed without the segment resets there). Used when every
     chunk's total decay, per channel, stays within FACTOR_MAX_LOG_DECAY (checked once per call, one
-    host sync): then e^-60 <= exp(b) <= 1 <= exp(-b) <= e^60 are normal float32 numbers (no
+    host sync; compiled code always takes the pairwise form): then e^-60 <= exp(b) <= 1 <= exp(-b) <= e^60 are normal float32 numbers (no
     underflow), the products stay finite for |q_id k_jd| up to about 1e12 (the masked entries j > i
     are the largest, |q k| e^60), and each kept score term has a relative error of about
     |b| * eps <= 60 * eps (a few eps in the pairwise form).
@@ -76,7 +76,8 @@ def linear_attention_chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None =
     a = log_decays(g, seq_idx, (B, T, H), work, q.device)  # (B, T, H, E), E = dk or 1
     starts = segment_starts(seq_idx, B, T, q.device)  # (B, T)
     C = min(chunk_size, T)
-    factored = a.shape[3] > 1 and _factorable(g, C)
+    # the bound check is a host sync: compiled graphs take the pairwise form, which needs none
+    factored = a.shape[3] > 1 and not torch.compiler.is_compiling() and _factorable(g, C)
     if a.shape[3] > 1 and not factored:
         C = min(C, KEY_DECAY_MAX_CHUNK)
     pad = (-T) % C  # padded steps: no decay, k = v = 0, so the state passes through unchanged
