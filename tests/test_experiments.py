@@ -88,7 +88,7 @@ def _tool(tool: str):
 @pytest.mark.parametrize("path", SWEEPS, ids=name)
 def test_sweep_runs_tiny(path, tmp_path, capsys):
     args = ["--sweep", name(path), "--seeds", "0", "--out", str(tmp_path)]
-    for p in [*TINY, "NUM_LAYERS = 2"]:
+    for p in [*TINY, "NUM_LAYERS = 4"]:  # tiles every sweep's layouts (the recall hybrids are 4 long: KSKG)
         args += ["--gin_param", p]
     table = _tool("sweep").main(args)
     variants = list(configurables.read_sweep(name(path)).variants)

@@ -340,34 +340,6 @@ def test_pinned_backends_are_used():
     assert choices and set(choices) == {("attention", "reference"), ("feedback_solve", "reference")}
 
 
-def test_decode_benchmark_table(capsys):
-    """The decode benchmark's table is consistent with itself: tokens/s = B / (s/step), the ratio is
-    Sessa's tokens/s over attention's, and the cache column is each mixer's state size."""
-    import argparse
-
-    from zoo.bench import decode as bench
-
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    threads = torch.get_num_threads()
-    try:
-        bench.run(parser.parse_args(f"--batch 2 --dim 16 --heads 2 --prefill 5 --steps 3 --repeats 1 --threads {threads}".split()))
-    finally:
-        torch.set_num_threads(threads)
-    lines = capsys.readouterr().out.splitlines()
-    assert "backends used: attention: sdpa; feedback_solve: reference" in lines  # single steps: the one-row solve
-    rows = {line.split()[0]: line.split()[1:] for line in lines if line.split()[:1] in (["attention"], ["sessa"])}
-    assert set(rows) == {"attention", "sessa"}
-    for name, (prefill_ms, ms_per_step, tps, ratio, cache) in rows.items():
-        assert float(prefill_ms) > 0
-        assert float(tps) == pytest.approx(2 * 1e3 / float(ms_per_step), rel=2e-3, abs=0.5)  # B = 2 tokens per step
-        mixer = Sessa(16, num_heads=2) if name == "sessa" else Attention(16, num_heads=2)
-        assert int(cache) == mixer.state_numbers_per_token()
-    assert rows["attention"][3] == "1.00x"
-    ratio = float(rows["attention"][1]) / float(rows["sessa"][1])  # from the printed ms/step (3 decimals)
-    assert float(rows["sessa"][3].rstrip("x")) == pytest.approx(ratio, rel=0.01, abs=0.005)
-
-
 def test_forward_branch_is_the_attention_mixer():
     """With feedback=False, Sessa is the Attention mixer with biased q/k/v projections (and no
     out_proj when H == 1): same weights, same outputs, full forward and decoding."""

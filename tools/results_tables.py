@@ -1,12 +1,14 @@
-"""Render the results tables of README.md and docs/reproduction.md from docs/results/reproduction.json.
+"""Render the results tables of README.md, docs/reproduction.md and docs/recall.md from
+docs/results/reproduction.json and docs/results/recall.json.
 
     python tools/results_tables.py            # rewrite the tables in place
     python tools/results_tables.py --check    # exit 1 if a table differs from its rendering
 
 Each table sits between `<!-- table: NAME -->` and `<!-- end table -->` in a markdown file; NAME
-picks its renderer below (zoo.train.reproduction, zoo.train.evaluate.metrics_table). To publish a
-new reproduction, add the <out>/reproduction.json that tools/reproduce.py writes to the
-"reproduction" list of the results file and run this tool.
+picks its renderer below (zoo.train.reproduction, zoo.train.recall, zoo.train.evaluate.metrics_table).
+To publish a new reproduction, add the <out>/reproduction.json that tools/reproduce.py writes to the
+"reproduction" list of the results file and run this tool; a new recall comparison replaces
+docs/results/recall.json with the <out>/recall.json of tools/recall.py.
 """
 
 from __future__ import annotations
@@ -21,16 +23,18 @@ sys.path.insert(0, str(ROOT))
 
 from zoo import cli  # noqa: E402
 from zoo.tasks.reference import References  # noqa: E402
+from zoo.train import recall  # noqa: E402
 from zoo.train.evaluate import metrics_table  # noqa: E402
 from zoo.train.reproduction import budgets_table, lag_table, summary_table, task_table  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results" / "reproduction.json"
-DOCS = [ROOT / "README.md", ROOT / "docs" / "reproduction.md"]
+RECALL = ROOT / "docs" / "results" / "recall.json"
+DOCS = [ROOT / "README.md", ROOT / "docs" / "reproduction.md", ROOT / "docs" / "recall.md"]
 BLOCK = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end table -->)", re.S)
 
 
-def renderers(results: dict) -> dict[str, str]:
-    """Table name -> markdown."""
+def renderers(results: dict, recall_results: dict | None = None) -> dict[str, str]:
+    """Table name -> markdown (the recall table only when `recall_results` is given)."""
     budgets = {e["label"]: e for e in results["reproduction"]}
     r400, r1200, r3600 = budgets["400 steps"], budgets["1200 steps"], budgets["3600 steps"]
     demo = results["demo"]
@@ -45,7 +49,7 @@ def renderers(results: dict) -> dict[str, str]:
                                   ("1200 (4.8M)", r1200, "symbol_soup"), ("3600 (14.4M)", r3600, "symbol_soup"),
                                   ("Diffuse MQAR 400 steps (0.93M)", r400, "diffuse_mqar"),
                                   ("1200 (2.8M)", r1200, "diffuse_mqar")]),
-    }
+    } | ({"recall": recall.table(recall_results)} if recall_results else {})
 
 
 def render(text: str, tables: dict[str, str], path: Path) -> str:
@@ -59,10 +63,13 @@ def render(text: str, tables: dict[str, str], path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = cli.parser(__doc__)
-    parser.add_argument("--results", type=Path, default=RESULTS, help="the results file")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the reproduction results file")
+    parser.add_argument("--recall", type=Path, default=RECALL, help="the recall comparison's results file")
     parser.add_argument("--check", action="store_true", help="only check that every table is up to date")
     args = parser.parse_args(argv)
-    tables = renderers(json.loads(args.results.read_text()))
+    recall_results = json.loads(args.recall.read_text())
+    recall.check_entry(recall_results)
+    tables = renderers(json.loads(args.results.read_text()), recall_results)
     stale = []
     for path in DOCS:
         text = path.read_text()

@@ -174,6 +174,7 @@ def _register_library() -> None:
     from blocks.residual_block import ResidualBlock
     from blocks.retnet import MultiScaleRetention
     from blocks.sessa import Sessa
+    from blocks.short_conv_mixer import ShortConv
     from blocks.sliding_window import SlidingWindowAttention
 
     REGISTRY.add_mixer("sessa", Sessa, "S")
@@ -185,6 +186,7 @@ def _register_library() -> None:
     REGISTRY.add_mixer("deltanet", DeltaNet, "D")
     REGISTRY.add_mixer("gla", GatedLinearAttention, "L")
     REGISTRY.add_mixer("retnet", MultiScaleRetention, "R")
+    REGISTRY.add_mixer("short_conv", ShortConv, "K")  # zoology's BaseConv half of a recall hybrid ('KA')
     REGISTRY.add_block("gated", GatedBlock)
     REGISTRY.add_block("residual", ResidualBlock)
 

@@ -83,9 +83,11 @@ def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor 
 
     S = q.new_zeros(B, H, dk, dv, dtype=work) if initial_state is None else initial_state.to(work)
     entering = []
-    for n in range(a.shape[2]):
+    # unbind once: indexing chunk n inside the loop would make every backward step fill a gradient
+    # buffer as large as all chunks together (O(T^2 / C^2) work)
+    for M_n, add_n, reset_n in zip(M.unbind(2), added.unbind(2), reset.unbind(1)):
         entering.append(S)
-        S = torch.where(reset[:, n, None, None, None], added[:, :, n], M[:, :, n] @ S + added[:, :, n])
+        S = torch.where(reset_n[:, None, None, None], add_n, M_n @ S + add_n)
     o = scale * (o + reads @ torch.stack(entering, dim=2))
 
     o = rearrange(o, "b h n c d -> b (n c) h d")[:, :T].to(q.dtype)

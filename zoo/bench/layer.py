@@ -1,10 +1,14 @@
-"""Training cost of one GatedBlock: Sessa (dense or chunked feedback solve) vs Attention, over T.
+"""Training cost of one GatedBlock per registered mixer vs attention, over T.
 
-Three models, the paper's wrapper around each mixer, forward branch on the `sdpa` attention backend:
-    attention      GatedBlock(Attention)                                  the baseline
+Every mixer in the registry (the library's and any a user registered before the run), each in the
+paper's wrapper, GatedBlock; attention is the baseline and Sessa runs twice:
+    attention      GatedBlock(Attention), on the `sdpa` backend                      the baseline
     sessa-dense    GatedBlock(Sessa), feedback_solve pinned to `reference` (T x T matrices)
     sessa-chunked  GatedBlock(Sessa), feedback_solve pinned to `chunked`   (blocks of C tokens)
-Defaults: B=4, D=256, 4 heads, float32, 2 threads, T in 512 1024 2048 4096 8192.
+    <name>         GatedBlock(<registered mixer>) with --heads heads where it takes num_heads, its
+                   other defaults, and the automatic backend choice (`chunked` for the recurrences)
+Every `attention` op runs on `sdpa`. Defaults: B=4, D=256, 4 heads, float32, 2 threads, T in
+512 1024 2048 4096 8192. --models picks some (attention is always included).
 
 Time: inference forward (torch.no_grad) and a training step (forward + backward of y.sum(),
 parameter gradients included), best of --repeats; the models alternate inside every repeat so all
@@ -17,10 +21,11 @@ reads VmHWM. Peak = VmHWM - VmRSS: every byte the step touched beyond the model 
 (activations, saved tensors, gradients, workspaces, allocator slack), as the OS sees it. Linux only.
 
 The dense reference is skipped ("over budget") when its estimated T x T buffers,
-DENSE_BUFFERS * B * T^2 * 4 bytes, exceed --dense-budget-gib.
+DENSE_BUFFERS * B * T^2 * 4 bytes, exceed --dense-budget-gib. At the end, two markdown tables
+summarise the run: training-step time and peak memory of every model as multiples of attention's.
 
     python tools/bench.py layer
-    python tools/bench.py layer --T 512 2048 --plot layer.png
+    python tools/bench.py layer --T 512 2048 --models gla retnet --plot layer.png
     python tools/bench.py layer --chunk-sweep --T 1024 2048 4096     # picks chunked's default C
     python tools/bench.py layer --compile --T 512 --no-memory           # adds torch.compile'd rows
 
@@ -32,20 +37,22 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import inspect
 import multiprocessing as mp
 import os
 import time
 from functools import partial
+from typing import Callable
 
 import torch
 
-from blocks.attention import Attention
 from blocks.gated_block import GatedBlock
-from blocks.sessa import Sessa
+from blocks.mixer import Mixer
 from kernels.feedback_solve import chunked
 from zoo.plots import pyplot, save_figure
+from zoo.registry import REGISTRY
 
-MODELS = ("attention", "sessa-dense", "sessa-chunked")
+SESSA_SOLVES = {"sessa-dense": "reference", "sessa-chunked": "chunked"}
 # Live (B, T, T) float32 buffers of the dense reference at the peak of a training step: measured
 # (peak(sessa-dense) - peak(sessa-chunked)) / (B T^2 4 bytes) = 7.1 at T = 2048 and 4096.
 DENSE_BUFFERS = 7
@@ -66,15 +73,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead: time sessa-chunked for each --chunks size (pick the default C)")
     parser.add_argument("--chunks", type=int, nargs="+", default=[32, 64, 128, 256, 512])
     parser.add_argument("--compile", action="store_true", help="also time each model under torch.compile")
+    parser.add_argument("--models", nargs="+", default=None,
+                        help=f"models to time next to attention (default: all of {', '.join(model_names())})")
 
 
-def build(name: str, dim: int, heads: int) -> GatedBlock:
-    if name == "attention":
-        mixer = partial(Attention, num_heads=heads, backends={"attention": "sdpa"})
-    else:
-        solve = {"sessa-dense": "reference", "sessa-chunked": "chunked"}[name]
-        mixer = partial(Sessa, num_heads=heads, backends={"attention": "sdpa", "feedback_solve": solve})
-    return GatedBlock(dim, mixer)
+def model_names() -> list[str]:
+    """attention first, then every registered mixer in registration order (Sessa as dense and chunked)."""
+    names = ["attention"]
+    for name in REGISTRY.mixers:
+        names += list(SESSA_SOLVES) if name == "sessa" else [name] if name != "attention" else []
+    return names
+
+
+def source_of(name: str) -> Callable[..., Mixer]:
+    """The registered mixer class (or factory) behind model `name`."""
+    return REGISTRY.mixer("sessa" if name in SESSA_SOLVES else name).source
+
+
+def build(name: str, dim: int, heads: int, source: Callable[..., Mixer] | None = None) -> GatedBlock:
+    """GatedBlock(mixer `name`) as described in the module docstring; `source` defaults to the
+    registry's (passed explicitly to the memory subprocess, which may not know a mixer registered at run time)."""
+    source = source_of(name) if source is None else source
+    kwargs = {"num_heads": heads} if "num_heads" in inspect.signature(source).parameters else {}
+    block = GatedBlock(dim, partial(source, **kwargs))
+    ops = block.mixer.ops  # the layer's pins (blocks.mixer.Mixer.ops), read at every call
+    if "attention" in ops:
+        ops["attention"] = "sdpa"
+    if name in SESSA_SOLVES:
+        ops["feedback_solve"] = SESSA_SOLVES[name]
+    return block
 
 
 def train_step(model: GatedBlock, x: torch.Tensor) -> None:
@@ -95,11 +122,12 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _peak_worker(name: str, T: int, B: int, D: int, heads: int, threads: int, chunk: int, out: mp.Queue) -> None:
+def _peak_worker(name: str, source: Callable[..., Mixer], T: int, B: int, D: int, heads: int, threads: int,
+                 chunk: int, out: mp.Queue) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     chunked.set_chunk_size(chunk)
-    model = build(name, D, heads)
+    model = build(name, D, heads, source)
     x = torch.randn(B, T, D)
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     before = _status_kib("VmRSS")
@@ -113,7 +141,8 @@ def peak_bytes(name: str, T: int, args: argparse.Namespace, chunk: int) -> int:
     """Peak extra resident bytes of one training step, measured in a fresh process."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    p = ctx.Process(target=_peak_worker, args=(name, T, args.batch, args.dim, args.heads, args.threads, chunk, out))
+    p = ctx.Process(target=_peak_worker,
+                    args=(name, source_of(name), T, args.batch, args.dim, args.heads, args.threads, chunk, out))
     p.start()
     result = out.get()
     p.join()
@@ -149,7 +178,9 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.0f}"
 
 
-def run_layer(args: argparse.Namespace) -> None:
+def run_layer(args: argparse.Namespace) -> list[tuple[int, str, float, float, int | None]]:
+    """Time (and measure) every selected model at every T; prints the tables and returns the rows
+    (T, model, forward seconds, training-step seconds, peak bytes or None)."""
     C = chunked.get_chunk_size()
     print(f"layer: GatedBlock fwd / fwd+bwd, B={args.batch} D={args.dim} heads={args.heads} float32 "
           f"threads={args.threads}, chunked C={C}, best of {args.repeats}; peak = extra resident MiB of one "
@@ -157,8 +188,9 @@ def run_layer(args: argparse.Namespace) -> None:
     head = f"{'T':>5} {'model':<22} {'fwd ms':>8} {'x attn':>7} {'fwd+bwd ms':>11} {'x attn':>7} {'peak MiB':>9} {'x attn':>7}"
     print(head)
     rows = []
+    order = selected(args)
     for T in args.T:
-        names = [n for n in MODELS if n != "sessa-dense" or dense_bytes(args.batch, T) <= args.dense_budget_gib * 2**30]
+        names = [n for n in order if n != "sessa-dense" or dense_bytes(args.batch, T) <= args.dense_budget_gib * 2**30]
         torch.manual_seed(0)
         models = {n: build(n, args.dim, args.heads) for n in names}
         if args.compile:
@@ -168,7 +200,7 @@ def run_layer(args: argparse.Namespace) -> None:
         times = best_times(models, x, args.repeats)
         del models
         peaks = {n: None if args.no_memory else peak_bytes(n, T, args, C) for n in names}
-        for n in [m + suffix for m in MODELS for suffix in ("", "+compile") if suffix == "" or args.compile]:
+        for n in [m + suffix for m in order for suffix in ("", "+compile") if suffix == "" or args.compile]:
             if n not in times:
                 print(f"{T:>5} {n:<22} over budget: ~{dense_bytes(args.batch, T) / 2**30:.1f} GiB of T x T buffers "
                       f"> --dense-budget-gib {args.dense_budget_gib}")
@@ -179,8 +211,47 @@ def run_layer(args: argparse.Namespace) -> None:
             print(f"{T:>5} {n:<22} {1e3 * fw:>8.1f} {fw / fw0:>6.2f}x {1e3 * tr:>11.1f} {tr / tr0:>6.2f}x {mem}", flush=True)
             rows.append((T, n, fw, tr, peak))
     print(f"done; {_load()}")
+    print(summary(rows, order))
     if args.plot:
-        plot(rows, args.plot, f"GatedBlock, B={args.batch} D={args.dim} heads={args.heads}, {args.threads} threads")
+        plot(rows, args.plot, f"GatedBlock, B={args.batch} D={args.dim} heads={args.heads}, {args.threads} threads",
+             order)
+    return rows
+
+
+def selected(args: argparse.Namespace) -> list[str]:
+    """The models to time: attention, then --models (every model by default), checked."""
+    known = model_names()
+    if args.models is None:
+        return known
+    unknown = [n for n in args.models if n not in known]
+    if unknown:
+        raise ValueError(f"--models: unknown {unknown}; known: {', '.join(known)}")
+    return ["attention"] + [n for n in known if n in args.models and n != "attention"]
+
+
+def summary(rows: list, order: list[str]) -> str:
+    """Markdown: per model and T, the training step's time and peak memory as multiples of attention's
+    (attention's own row: milliseconds and MiB)."""
+    Ts = sorted({r[0] for r in rows})
+    by = {(r[0], r[1]): r for r in rows}
+    head = "| model | " + " | ".join(f"T = {T}" for T in Ts) + " |"
+    out = []
+    for title, col, unit in (("training step (forward + backward)", 3, "ms"), ("peak memory of a training step", 4, "MiB")):
+        lines = [f"{title}: attention in {unit}, the others as multiples of attention", "", head,
+                 "|---" * (len(Ts) + 1) + "|"]
+        for n in [m + s for m in order for s in ("", "+compile") if any(r[1] == m + s for r in rows)]:
+            cells = []
+            for T in Ts:
+                r, base = by.get((T, n)), by.get((T, "attention"))
+                if r is None or r[col] is None or base is None or base[col] is None:
+                    cells.append("–")
+                elif n == "attention":
+                    cells.append(f"{1e3 * r[col]:.1f}" if col == 3 else _mib(r[col]))
+                else:
+                    cells.append(f"{r[col] / base[col]:.2f}x")
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
 
 
 def run_sweep(args: argparse.Namespace) -> None:
@@ -208,11 +279,11 @@ def run_sweep(args: argparse.Namespace) -> None:
     print(f"done; {_load()}")
 
 
-def plot(rows: list, path: str, title: str) -> None:
+def plot(rows: list, path: str, title: str, order: list[str]) -> None:
     plt = pyplot()
 
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
-    for n in MODELS:
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for n in order:
         pts = [r for r in rows if r[1] == n]
         if not pts:
             continue
@@ -227,14 +298,14 @@ def plot(rows: list, path: str, title: str) -> None:
         ax.minorticks_off()
         ax.grid(True, which="both", alpha=0.3)
         if ax.lines:
-            ax.legend()
+            ax.legend(fontsize=7)
     fig.suptitle(title)
     print(f"wrote {save_figure(fig, path)}")
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> list | None:
     torch.set_num_threads(args.threads)
     if args.chunk_sweep:
         run_sweep(args)
-    else:
-        run_layer(args)
+        return None
+    return run_layer(args)

@@ -24,6 +24,9 @@ Two measurements (the curves are functions of the lag l = 0 .. T - 1 - max(sourc
 Fits over a lag range [lo, hi]: the log-log slope (a power law l^slope is a straight line on
 log-log axes) on log-spaced lags, and the semi-log decay rate (exp(-rate * l) is straight on
 semi-log axes) on every lag, each with its R^2. The better R^2 says which law the tail follows.
+A curve that is exactly 0 from some lag on (a sliding window) records that lag as its `cutoff`
+and is fitted below it. Where the weights fix the tail in closed form (fixed decays, windows:
+zoo.probes.predictions), the result carries that prediction next to the measured fits.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from torch.func import jvp
 from blocks.mixer import Mixer
 from kernels.feedback_solve import feedback_solve, routing_weights, strict_past
 from zoo.probes.construction import feedback_layers
+from zoo.probes.predictions import TailPrediction, predicted_tail
 from zoo.plots import pyplot, save_figure
 
 # Backends with forward-mode AD for the Jacobian (sdpa attention and the chunked feedback solve
@@ -89,8 +93,15 @@ class Curve:
 
     name: str  # "jacobian" or "kernel layer <i>"
     values: np.ndarray  # (L,)
-    fit: Fit | None = None
+    fit: Fit | None = None  # None: too few nonzero lags in the fit range
     routing: Routing | None = None
+
+    @property
+    def cutoff(self) -> int | None:
+        """The lag from which every value is exactly 0 (None: the curve never vanishes for good)."""
+        nonzero = np.flatnonzero(self.values != 0)
+        end = int(nonzero[-1]) + 1 if len(nonzero) else 0
+        return end if end < len(self.values) else None
 
     @property
     def lags(self) -> np.ndarray:
@@ -105,10 +116,12 @@ class ProbeResult:
     seq_len: int
     sources: tuple[int, ...]
     curves: list[Curve] = field(default_factory=list)
+    prediction: TailPrediction | None = None  # of the end-to-end ("jacobian") tail, from the weights
 
     def to_json(self) -> dict:
         return {"label": self.label, "seq_len": self.seq_len, "sources": list(self.sources),
-                "curves": [{"name": c.name, "values": c.values.tolist(),
+                "prediction": asdict(self.prediction) if self.prediction else None,
+                "curves": [{"name": c.name, "values": c.values.tolist(), "cutoff": c.cutoff,
                             "fit": asdict(c.fit) if c.fit else None,
                             "routing": ({**asdict(c.routing), "predicted_exponent": c.routing.predicted_exponent}
                                         if c.routing else None)} for c in self.curves]}
@@ -283,7 +296,9 @@ def probe(module: nn.Module, inputs: Tensor, *, label: str, sources: Sequence[in
 
     Curves: "jacobian" (unless jacobian=False) and "kernel layer <i>" for the i-th Sessa layer with
     feedback, each fitted over `fit_range` = (lo, hi) lags (default (L // 16, L - 1), L the number of
-    lags). The module is not changed (the probe works on a copy in `dtype`, float64 by default).
+    lags), cut below a curve's `cutoff` (no fit when fewer than 2 lags are left). The result's
+    `prediction` is zoo.probes.predicted_tail(module). The module is not changed (the probe works on
+    a copy in `dtype`, float64 by default).
     """
     work = _probe_copy(module, dtype)
     model = is_model(work)
@@ -302,7 +317,8 @@ def probe(module: nn.Module, inputs: Tensor, *, label: str, sources: Sequence[in
         fn = work
     T = x.shape[1]
     _check_sources(sources, T)
-    result = ProbeResult(label=label, seq_len=T, sources=tuple(int(s) for s in sources))
+    result = ProbeResult(label=label, seq_len=T, sources=tuple(int(s) for s in sources),
+                         prediction=predicted_tail(work))
 
     if jacobian:
         with forward_ad_backends(work):
@@ -324,6 +340,10 @@ def probe(module: nn.Module, inputs: Tensor, *, label: str, sources: Sequence[in
     for curve in result.curves:
         L = len(curve.values)
         lo, hi = fit_range if fit_range is not None else (max(1, L // 16), L - 1)
+        if curve.cutoff is not None:
+            hi = min(hi, curve.cutoff - 1)
+            if hi <= lo:
+                continue
         curve.fit = fit_tail(curve.values, lo, hi)
     return result
 
@@ -335,15 +355,23 @@ def _num(x: float | None, fmt: str = ".3f") -> str:
 
 
 def format_table(results: Sequence[ProbeResult]) -> str:
-    """A markdown table: one row per curve, with its fits and (Sessa kernels) routing statistics."""
-    lines = ["| model | curve | fit lags | log-log slope | R² | semi-log rate | R² | predicted exponent | c2 | max abs γ |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    """A markdown table: one row per curve, with its fits and (Sessa kernels) routing statistics.
+    When a result has a prediction or a curve a cutoff, two more columns: the predicted tail of the
+    end-to-end curve (rate, or where it is zero from) and the lag each curve is zero from."""
+    tails = any(r.prediction or any(c.cutoff is not None for c in r.curves) for r in results)
+    head = "| model | curve | fit lags | log-log slope | R² | semi-log rate | R² | predicted exponent | "
+    head += "predicted | zero from lag | c2 | max abs γ |" if tails else "c2 | max abs γ |"
+    lines = [head, "|---" * head.count(" | ") + "|---|"]
     for r in results:
         for c in r.curves:
             f, rt = c.fit, c.routing
-            lines.append(f"| {r.label} | {c.name} | {f.lo}–{f.hi} | {f.slope:.3f} | {f.slope_r2:.4f} | "
-                         f"{f.rate:.3g} | {f.rate_r2:.4f} | {_num(rt.predicted_exponent if rt else None)} | "
-                         f"{_num(rt.c2 if rt else None, '.3g')} | {_num(rt.gamma_abs_max if rt else None)} |")
+            fits = (f"{f.lo}–{f.hi} | {f.slope:.3f} | {f.slope_r2:.4f} | {f.rate:.3g} | {f.rate_r2:.4f}" if f
+                    else "– | – | – | – | –")
+            row = f"| {r.label} | {c.name} | {fits} | {_num(rt.predicted_exponent if rt else None)} | "
+            if tails:
+                predicted = r.prediction.describe() if r.prediction and c.name == "jacobian" else "–"
+                row += f"{predicted} | {'–' if c.cutoff is None else c.cutoff} | "
+            lines.append(row + f"{_num(rt.c2 if rt else None, '.3g')} | {_num(rt.gamma_abs_max if rt else None)} |")
     return "\n".join(lines)
 
 
@@ -367,6 +395,10 @@ def plot(results: Sequence[ProbeResult], path: str | Path, title: str | None = N
                 keep = v > 0
                 name = r.label if prefix == "jacobian" else f"{r.label} {c.name.removeprefix('kernel ')}"
                 f = c.fit
+                if f is None:
+                    ax.loglog(lags[keep], v[keep], "-" if prefix == "jacobian" else "--", color=color, lw=1.5,
+                              label=f"{name}: zero from lag {c.cutoff}")
+                    continue
                 power = f.slope_r2 >= f.rate_r2
                 law = f"ℓ^{f.slope:.2f}, R² {f.slope_r2:.3f}" if power else f"exp(−{f.rate:.3g} ℓ), R² {f.rate_r2:.3f}"
                 ax.loglog(lags[keep], v[keep], "-" if prefix == "jacobian" else "--", color=color, lw=1.5,

@@ -1,0 +1,140 @@
+"""`tools/bench.py layer` and `decode` cover every registered mixer (a user's too) and their tables
+are consistent with what they measured: ratios are to attention in the same run, tokens/s follow
+from the step times, the decoding-state column is each mixer's state, peak memory is at least the
+block's output. Nothing here judges speed (that is measured, not tested)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from torch import nn
+
+from blocks.mixer import Mixer
+from zoo.bench import decode, layer
+from zoo.registry import REGISTRY
+
+
+class BenchUserMixer(Mixer):
+    """A user's mixer for the coverage tests: y_t = W (x_1 + ... + x_t) / t."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.ops = {}
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, *, seq_idx=None, state=None):
+        steps = torch.arange(1, x.shape[1] + 1, dtype=x.dtype)[:, None]
+        return self.proj(x.cumsum(1) / steps)
+
+
+@pytest.fixture
+def user_mixer():
+    REGISTRY.add_mixer("bench_user", BenchUserMixer)
+    try:
+        yield "bench_user"
+    finally:
+        REGISTRY.mixers.pop("bench_user")
+
+
+def _args(module, argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return parser.parse_args(argv.split())
+
+
+@pytest.fixture
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield threads
+    torch.set_num_threads(threads)
+
+
+def test_decode_covers_every_mixer_and_is_consistent(keep_threads):
+    B, steps, prefill = 2, 3, 5
+    results = decode.run(_args(decode, f"--batch {B} --dim 64 --heads 2 --prefill {prefill} --steps {steps} "
+                                       f"--repeats 1 --threads {keep_threads}"))
+    decodes = [n for n in REGISTRY.mixers if _decodes(n)]  # a test module may register one that does not
+    assert list(results) == ["attention"] + [n for n in decodes if n != "attention"]
+    base = results["attention"]["tokens_per_s"]
+    for name, r in results.items():
+        assert r["prefill_s"] > 0 and r["decode_s"] > 0, name
+        assert r["tokens_per_s"] == pytest.approx(B * steps / r["decode_s"])
+        assert r["vs_attention"] == pytest.approx(r["tokens_per_s"] / base)
+        block = decode.build(name, 64, 2, None)
+        per_token = block.mixer.state_numbers_per_token()
+        if per_token is not None:  # a cache that grows: numbers per token
+            assert r["state"] == f"{per_token} / token", name
+        else:  # a constant state: what allocate_state holds, whatever the length (a window's ring: up to the window)
+            numbers = int(r["state"].removesuffix(" const"))
+            state = block.allocate_state(1, prefill + steps)
+            assert numbers == sum(t.numel() for t in vars(state).values() if torch.is_tensor(t) and t.is_floating_point())
+            if getattr(block.mixer, "window", None) is None:
+                assert decode.state_size(block, 100 * (prefill + steps)) == r["state"], name
+    assert results["attention"]["vs_attention"] == 1.0
+
+
+def _decodes(name: str) -> bool:
+    try:
+        decode.build(name, 64, 2, None).allocate_state(1, 1)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def test_decode_models_option(keep_threads, capsys):
+    results = decode.run(_args(decode, f"--batch 1 --dim 64 --heads 2 --prefill 3 --steps 2 --repeats 1 "
+                                       f"--threads {keep_threads} --models sessa"))
+    assert list(results) == ["attention", "sessa"]
+    # single decoding steps take the one-row solve; the prefill (5 tokens) too, under automatic selection
+    assert "backends used: attention: sdpa; feedback_solve: reference" in capsys.readouterr().out.splitlines()
+    with pytest.raises(ValueError, match="--models: unknown.*nosuch"):
+        decode.run(_args(decode, "--models nosuch"))
+
+
+def test_layer_covers_every_mixer(keep_threads, user_mixer):
+    Ts = (8, 16)
+    rows = layer.run(_args(layer, f"--T {' '.join(map(str, Ts))} --batch 1 --dim 64 --heads 2 --repeats 1 "
+                                  f"--threads {keep_threads} --no-memory"))
+    names = layer.model_names()
+    assert user_mixer in names and {"sessa-dense", "sessa-chunked"} <= set(names) and "sessa" not in names
+    assert [(T, n) for T, n, *_ in rows] == [(T, n) for T in Ts for n in names]
+    assert all(fw > 0 and tr > 0 and peak is None for _, _, fw, tr, peak in rows)
+
+
+def test_layer_pins_the_documented_backends():
+    assert layer.build("attention", 16, 2).mixer.ops == {"attention": "sdpa"}
+    assert layer.build("sessa-dense", 16, 2).mixer.ops == {"attention": "sdpa", "feedback_solve": "reference"}
+    assert layer.build("sessa-chunked", 16, 2).mixer.ops == {"attention": "sdpa", "feedback_solve": "chunked"}
+    assert layer.build("gla", 16, 2).mixer.ops == {"linear_attention": "auto"}
+    assert layer.build("retnet", 16, 2).mixer.num_heads == 2  # --heads reaches mixers that take num_heads
+
+
+def test_layer_peak_memory_in_a_fresh_process(keep_threads, user_mixer):
+    """Peak memory is measured in a subprocess (a user's mixer registered at run time too) and is at
+    least the block's output, B * T * D float32 numbers."""
+    B, T, D = 2, 1024, 32
+    rows = layer.run(_args(layer, f"--T {T} --batch {B} --dim {D} --heads 2 --repeats 1 --threads {keep_threads} "
+                                  f"--models {user_mixer}"))
+    assert [n for _, n, *_ in rows] == ["attention", user_mixer]
+    for _, name, _, _, peak in rows:
+        assert peak >= B * T * D * 4, name
+
+
+def test_layer_summary_is_relative_to_attention():
+    MiB = 2**20
+    rows = [(8, "attention", 1.0, 0.002, 10 * MiB), (8, "gla", 1.0, 0.003, 5 * MiB),
+            (16, "attention", 1.0, 0.004, 20 * MiB), (16, "gla", 1.0, 0.002, None), (16, "retnet", 1.0, 0.001, 40 * MiB)]
+    text = layer.summary(rows, ["attention", "gla", "retnet"])
+    split = text.index("peak memory of a training step")
+    time_table, memory_table = text[:split], text[split:]
+    assert "| attention | 2.0 | 4.0 |" in time_table and "| gla | 1.50x | 0.50x |" in time_table
+    assert "| retnet | – | 0.25x |" in time_table
+    assert "| attention | 10 | 20 |" in memory_table and "| gla | 0.50x | – |" in memory_table
+    assert "| retnet | – | 2.00x |" in memory_table
+
+
+def test_layer_models_option_rejects_unknown_names():
+    with pytest.raises(ValueError, match="--models: unknown.*nosuch"):
+        layer.run(_args(layer, "--models nosuch --no-memory"))
