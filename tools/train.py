@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         final = train(config, gin_config.build_model, task, run_dir, resume=args.resume, set_aside=args.set_aside,
                       operative_config=gin_config.operative_config)
+        distributed.barrier()  # no rank closes its gloo connections while another still uses them
     finally:
         distributed.teardown()
     if os.environ.get("RANK", "0") == "0":
