@@ -20,11 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,32 +34,28 @@ from zoo.registry import REGISTRY  # noqa: E402
 from zoo.tasks.reference import describe, references  # noqa: E402
 from zoo.train import configurables  # noqa: E402
 from zoo.train.recall import plot, state_numbers, table, width_entry  # noqa: E402
-from zoo.train.sweep import collect, write_summary  # noqa: E402
+from zoo.train.sweep import collect, run_parallel, write_summary  # noqa: E402
 
 SWEEP = "experiments/recall/mqar_sweep.gin"
 
 
-def worker(index: int, jobs: queue.Queue, args: argparse.Namespace, failures: list[str], bar: tqdm) -> None:
-    """Run (variant, seed) jobs from the shared queue, one tools/sweep.py process each, until it is empty."""
+def run_job(index: int, job: tuple[str, int], args: argparse.Namespace, failures: list[str], bar: tqdm) -> None:
+    """One (variant, seed) job: a tools/sweep.py process, its output appended to this worker's log."""
+    variant, seed = job
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     log = args.out / "logs" / f"worker{index}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(ROOT / "tools" / "sweep.py"), "--sweep", SWEEP, "--only", variant,
+           "--seeds", str(seed), "--out", str(args.out)]
+    for p in args.gin_param:
+        cmd += ["--gin_param", p]
     with open(log, "a") as f:
-        while True:
-            try:
-                variant, seed = jobs.get_nowait()
-            except queue.Empty:
-                return
-            cmd = [sys.executable, str(ROOT / "tools" / "sweep.py"), "--sweep", SWEEP, "--only", variant,
-                   "--seeds", str(seed), "--out", str(args.out)]
-            for p in args.gin_param:
-                cmd += ["--gin_param", p]
-            f.write(f"$ {' '.join(cmd)}\n")
-            f.flush()
-            if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode:
-                failures.append(f"{variant} seed {seed} (see {log})")
-            bar.update(1)
-            bar.set_postfix_str(f"last: {variant} seed {seed}")
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode:
+            failures.append(f"{variant} seed {seed} (see {log})")
+    bar.update(1)
+    bar.set_postfix_str(f"last: {variant} seed {seed}")
 
 
 def model_and_width(variant: str) -> tuple[str, int]:
@@ -138,19 +131,10 @@ def main(argv: list[str] | None = None) -> str:
 
     wall = None
     if not args.report_only:
-        jobs: queue.Queue = queue.Queue()
-        for seed in spec.seeds:
-            for variant in spec.variants:
-                jobs.put((variant, seed))
+        jobs = [(variant, seed) for seed in spec.seeds for variant in spec.variants]
         failures: list[str] = []
-        t0 = time.perf_counter()
-        with tqdm(total=jobs.qsize(), desc="recall sweep", unit="run") as bar:
-            threads = [threading.Thread(target=worker, args=(i, jobs, args, failures, bar)) for i in range(args.workers)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-        wall = time.perf_counter() - t0
+        with tqdm(total=len(jobs), desc="recall sweep", unit="run") as bar:
+            wall = run_parallel(jobs, args.workers, lambda i, job: run_job(i, job, args, failures, bar))
         if failures:
             raise SystemExit("failed: " + "; ".join(failures))
     text, figure = report(args, spec, wall)

@@ -22,11 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,32 +35,28 @@ from zoo.tasks.reference import References, references  # noqa: E402
 from zoo.train import configurables  # noqa: E402
 from zoo.train.configurables import read_sweep  # noqa: E402
 from zoo.train.reproduction import LAYOUTS, PAPER, TASK_NAMES, lag_table, model_entry, task_table  # noqa: E402
-from zoo.train.sweep import SweepSpec, collect, write_summary  # noqa: E402
+from zoo.train.sweep import SweepSpec, collect, run_parallel, write_summary  # noqa: E402
 
 SWEEPS = {"symbol_soup": "experiments/paper_comparison/symbol_soup_sweep.gin",
           "diffuse_mqar": "experiments/paper_comparison/diffuse_mqar_sweep.gin"}
 
 
-def worker(index: int, jobs: queue.Queue, args: argparse.Namespace, failures: list[str]) -> None:
-    """Take (task, seed, model) jobs from the shared queue until it is empty; each job is one
-    tools/sweep.py process (a finished run is skipped by the sweep)."""
+def run_job(index: int, job: tuple[str, int, str], args: argparse.Namespace, failures: list[str]) -> None:
+    """One (task, seed, model) job: a tools/sweep.py process (a finished run is skipped by the sweep),
+    its output appended to this worker's log."""
+    task, seed, variant = job
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     log = args.out / "logs" / f"worker{index}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(ROOT / "tools" / "sweep.py"), "--sweep", SWEEPS[task], "--seeds", str(seed),
+           "--only", variant, "--out", str(args.out / task)]
+    for p in args.gin_param:
+        cmd += ["--gin_param", p]
     with open(log, "a") as f:
-        while True:
-            try:
-                task, seed, variant = jobs.get_nowait()
-            except queue.Empty:
-                return
-            cmd = [sys.executable, str(ROOT / "tools" / "sweep.py"), "--sweep", SWEEPS[task], "--seeds", str(seed),
-                   "--only", variant, "--out", str(args.out / task)]
-            for p in args.gin_param:
-                cmd += ["--gin_param", p]
-            f.write(f"$ {' '.join(cmd)}\n")
-            f.flush()
-            if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode:
-                failures.append(f"{task} seed {seed} {variant} (see {log})")
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode:
+            failures.append(f"{task} seed {seed} {variant} (see {log})")
 
 
 def spec_of(task: str, args: argparse.Namespace) -> SweepSpec:
@@ -164,19 +157,11 @@ def main(argv: list[str] | None = None) -> str:
 
     wall = None
     if not args.report_only:
-        jobs: queue.Queue = queue.Queue()
-        for task in args.tasks:  # SymbolSoup (the longer sequences) first: the workers finish together
-            for seed in args.seeds:
-                for variant in spec_of(task, args).variants:
-                    jobs.put((task, seed, variant))
+        # SymbolSoup (the longer sequences) first: the workers finish together
+        jobs = [(task, seed, variant) for task in args.tasks for seed in args.seeds
+                for variant in spec_of(task, args).variants]
         failures: list[str] = []
-        t0 = time.perf_counter()
-        threads = [threading.Thread(target=worker, args=(i, jobs, args, failures)) for i in range(args.workers)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
+        wall = run_parallel(jobs, args.workers, lambda i, job: run_job(i, job, args, failures))
         if failures:
             raise SystemExit("failed: " + "; ".join(failures))
     text, figure = report(args, wall)

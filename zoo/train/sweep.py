@@ -12,8 +12,13 @@ from __future__ import annotations
 
 import json
 import math
+import queue
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from zoo.tasks.reference import METRIC, References
 from zoo.train.run_dir import read_final, read_metrics
@@ -190,3 +195,27 @@ def write_summary(out: str | Path, spec: SweepSpec, title: str = "", references:
         (out / "references.json").write_text(json.dumps({v: r.to_dict() if r else None for v, r in references.items()},
                                                         indent=2) + "\n")
     return md + "".join(f"\n{c}" for c in captions), plot(results, out / "comparison.png", spec.metric, title)
+
+
+def run_parallel(jobs: list, workers: int, run: Callable[[int, Any], None]) -> float:
+    """Call run(worker_index, job) for every job on `workers` threads that share one queue (each job
+    is typically a training subprocess, so threads suffice). Returns the wall seconds."""
+    pending: queue.Queue = queue.Queue()
+    for job in jobs:
+        pending.put(job)
+
+    def loop(index: int) -> None:
+        while True:
+            try:
+                job = pending.get_nowait()
+            except queue.Empty:
+                return
+            run(index, job)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
