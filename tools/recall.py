@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,7 +32,7 @@ from zoo.registry import REGISTRY  # noqa: E402
 from zoo.tasks.reference import describe, references  # noqa: E402
 from zoo.train import configurables  # noqa: E402
 from zoo.train.recall import plot, state_numbers, table, width_entry  # noqa: E402
-from zoo.train.sweep import collect, run_parallel, write_summary  # noqa: E402
+from zoo.train.sweep import collect, run_logged, run_parallel, write_summary  # noqa: E402
 
 SWEEP = "experiments/recall/mqar_sweep.gin"
 
@@ -42,18 +40,13 @@ SWEEP = "experiments/recall/mqar_sweep.gin"
 def run_job(index: int, job: tuple[str, int], args: argparse.Namespace, failures: list[str], bar: tqdm) -> None:
     """One (variant, seed) job: a tools/sweep.py process, its output appended to this worker's log."""
     variant, seed = job
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     log = args.out / "logs" / f"worker{index}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(ROOT / "tools" / "sweep.py"), "--sweep", SWEEP, "--only", variant,
            "--seeds", str(seed), "--out", str(args.out)]
     for p in args.gin_param:
         cmd += ["--gin_param", p]
-    with open(log, "a") as f:
-        f.write(f"$ {' '.join(cmd)}\n")
-        f.flush()
-        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode:
-            failures.append(f"{variant} seed {seed} (see {log})")
+    if not run_logged(cmd, log, args.threads, ROOT):
+        failures.append(f"{variant} seed {seed} (see {log})")
     bar.update(1)
     bar.set_postfix_str(f"last: {variant} seed {seed}")
 

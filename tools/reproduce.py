@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -35,7 +33,7 @@ from zoo.tasks.reference import References, references  # noqa: E402
 from zoo.train import configurables  # noqa: E402
 from zoo.train.configurables import read_sweep  # noqa: E402
 from zoo.train.reproduction import LAYOUTS, PAPER, TASK_NAMES, lag_table, model_entry, task_table  # noqa: E402
-from zoo.train.sweep import SweepSpec, collect, run_parallel, write_summary  # noqa: E402
+from zoo.train.sweep import SweepSpec, collect, run_logged, run_parallel, write_summary  # noqa: E402
 
 SWEEPS = {"symbol_soup": "experiments/paper_comparison/symbol_soup_sweep.gin",
           "diffuse_mqar": "experiments/paper_comparison/diffuse_mqar_sweep.gin"}
@@ -45,18 +43,13 @@ def run_job(index: int, job: tuple[str, int, str], args: argparse.Namespace, fai
     """One (task, seed, model) job: a tools/sweep.py process (a finished run is skipped by the sweep),
     its output appended to this worker's log."""
     task, seed, variant = job
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     log = args.out / "logs" / f"worker{index}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(ROOT / "tools" / "sweep.py"), "--sweep", SWEEPS[task], "--seeds", str(seed),
            "--only", variant, "--out", str(args.out / task)]
     for p in args.gin_param:
         cmd += ["--gin_param", p]
-    with open(log, "a") as f:
-        f.write(f"$ {' '.join(cmd)}\n")
-        f.flush()
-        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode:
-            failures.append(f"{task} seed {seed} {variant} (see {log})")
+    if not run_logged(cmd, log, args.threads, ROOT):
+        failures.append(f"{task} seed {seed} {variant} (see {log})")
 
 
 def spec_of(task: str, args: argparse.Namespace) -> SweepSpec:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 import queue
 import threading
 import time
@@ -219,3 +221,14 @@ def run_parallel(jobs: list, workers: int, run: Callable[[int, Any], None]) -> f
     for t in threads:
         t.join()
     return time.perf_counter() - t0
+
+
+def run_logged(cmd: list[str], log: Path, threads: int, cwd: Path) -> bool:
+    """Run cmd with `threads` torch threads, appending the command line and its output to `log`;
+    whether it succeeded."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd).returncode == 0
