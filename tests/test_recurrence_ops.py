@@ -105,6 +105,30 @@ def test_delta_rule_equals_its_transition_products(backend, gated):
     torch.testing.assert_close(got, expected, **TOL)
 
 
+@pytest.mark.parametrize("chunks_per_group", [1, 2])
+def test_delta_rule_chunk_groups_carry_the_state_and_gradients(monkeypatch, chunks_per_group):
+    """The chunked backend runs its chunks in groups of bounded memory (GROUP_BYTES): with groups of
+    one and two chunks, outputs, final state and every gradient equal the reference, segments and
+    an initial state included (a segment starts on a group boundary and inside a group)."""
+    from kernels.delta_rule import chunked
+
+    q, k, v, beta, _, g, S0 = inputs(T=13)
+    B, T, H, dk = q.shape
+    C = 2  # 7 chunks: groups of 1 or 2 chunks, the last one partial
+    monkeypatch.setattr(chunked, "GROUP_BYTES", chunks_per_group * B * H * C * (C + dk + v.shape[-1]) * 8)
+    seq_idx = torch.tensor([[0] * 4 + [1] * 3 + [2] * 6, [0] * 13])
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, beta, g, S0)]
+    grads, outs = [], []
+    for backend in BACKENDS:
+        o, S = delta_rule(*leaves[:5], scale=0.7, initial_state=leaves[5], seq_idx=seq_idx, chunk_size=C,
+                          return_final_state=True, backend=backend)
+        outs.append((o, S))
+        grads.append(torch.autograd.grad((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() + S.sum(), leaves))
+    torch.testing.assert_close(outs[1], outs[0], **TOL)
+    for got, expected in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, expected, **TOL)
+
+
 def test_delta_rule_with_beta_one_stores_the_value_exactly():
     """beta = 1 and a unit key: afterwards the state maps that key to exactly its value (a delta rule write)."""
     q, k, v, _, _, _, S0 = inputs(B=1, T=5)
