@@ -138,3 +138,57 @@ def test_layer_summary_is_relative_to_attention():
 def test_layer_models_option_rejects_unknown_names():
     with pytest.raises(ValueError, match="--models: unknown.*nosuch"):
         layer.run(_args(layer, "--models nosuch --no-memory"))
+
+
+def test_recurrence_compares_chunked_with_reference_and_attention(keep_threads, capsys):
+    """One row per (workload, T) with both ratios, each the quotient of the times printed beside it;
+    above --max-reference-T the reference cells are empty."""
+    from zoo.bench import recurrence
+
+    recurrence.run(_args(recurrence, "--T 16 32 --max-reference-T 16 --repeats 1 --batch 1 --heads 2 --dk 4 --dv 8 "
+                                     "--attention-head-dim 8 --chunk-size 8"))
+    rows = [line.strip("|").split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    body = [[c.strip() for c in r] for r in rows[1:]]
+    assert len(body) == 6 and all(len(r) == 12 for r in body)
+    def quotient(ratio: str, num: str, den: str) -> bool:  # printed to 0.1 ms and 0.01x (0.1x for ref / chunked)
+        q, n, d = float(ratio.rstrip("x")), float(num), float(den)
+        return abs(q - n / d) <= n / d * (0.05 / n + 0.05 / d) + 0.05
+
+    for r in body:
+        for first in (2, 7):  # forward, then forward + backward: ref, chunked, ref / chunked, attention, attention / chunked
+            ref, chunked, ratio, attn, attn_ratio = r[first:first + 5]
+            assert quotient(attn_ratio, attn, chunked), r
+            if r[1] == "16":
+                assert quotient(ratio, ref, chunked), r
+            else:
+                assert ref == ratio == "-"
+
+
+KEEP_PROBE = """
+import ctypes, sys, torch
+import zoo.bench
+if sys.argv[1] == "keep":
+    print(zoo.bench.keep_freed_memory())
+def rss():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) // 1024
+x = torch.ones(2 ** 24)  # 64 MiB: above glibc's largest default mmap threshold (32 MiB)
+before = rss()
+del x
+print("freed MiB", before - rss())
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc and /proc are Linux's")
+def test_keep_freed_memory_keeps_a_large_block_resident():
+    """With the default glibc malloc a freed 64 MiB tensor is unmapped at once (its pages must be
+    faulted in again next time); after keep_freed_memory() it stays for reuse."""
+    import subprocess
+    import sys
+
+    freed = {}
+    for mode in ("default", "keep"):
+        out = subprocess.run([sys.executable, "-c", KEEP_PROBE, mode], capture_output=True, text=True, check=True).stdout
+        freed[mode] = int(out.split("freed MiB")[1])
+        if mode == "keep":
+            assert "keeps freed blocks" in out
+    assert freed["default"] >= 60 and freed["keep"] <= 4, freed

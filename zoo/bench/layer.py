@@ -19,6 +19,8 @@ malloc_trim(0) (free heap pages go back to the OS, so resident memory = live mem
 resets the kernel's high-water mark (`echo 5 > /proc/self/clear_refs`), runs one training step and
 reads VmHWM. Peak = VmHWM - VmRSS: every byte the step touched beyond the model and its input
 (activations, saved tensors, gradients, workspaces, allocator slack), as the OS sees it. Linux only.
+The timing process keeps freed memory for reuse (tools/bench.py, zoo.bench.keep_freed_memory); the
+memory subprocesses run with the system's malloc.
 
 The dense reference is skipped ("over budget") when its estimated T x T buffers,
 DENSE_BUFFERS * B * T^2 * 4 bytes, exceed --dense-budget-gib. At the end, two markdown tables

@@ -1,4 +1,5 @@
-"""The matrix-state ops: `chunked` vs the token-by-token `reference`, forward and forward + backward, over T.
+"""The matrix-state ops: `chunked` vs the token-by-token `reference` and vs causal attention, forward
+and forward + backward, over T.
 
 Three workloads, one per decay shape the ops take:
     gla           linear_attention with a log decay per key channel (B, T, H, dk)
@@ -10,9 +11,13 @@ Defaults: B=4, H=4, dk=32, dv=64 (GLA at width 256: dk = 0.5 * 256 / 4), float32
 T in 16 32 64 128 256 1024. Each time is the best of --repeats; the backends alternate inside every
 repeat so both see the same machine load; the ratio is reference / chunked (above 1: chunked is
 faster). The reference is skipped above --max-reference-T (it is linear in T; extrapolate).
+The attention columns time the `attention` op on `sdpa` (causal, B and H as above, head dim
+--attention-head-dim, default 64: the attention layer of width 256 with 4 heads) in the same
+rotation; their ratio is attention / chunked (above 1: the recurrence is faster).
 
     python tools/bench.py recurrence
     python tools/bench.py recurrence --T 256 1024 4096 --max-reference-T 1024
+    python tools/bench.py recurrence --workloads gated-delta --dk 64 --dv 128 --T 512 2048 8192
     python tools/bench.py recurrence --workloads ssd --T 1024 --batch 2 --heads 8 --dk 64 --dv 64
 """
 
@@ -24,6 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from kernels.attention import attention
 from kernels.delta_rule import delta_rule
 from kernels.linear_attention import linear_attention
 from kernels.ssd import ssd
@@ -42,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-reference-T", type=int, default=1024)
+    parser.add_argument("--attention-head-dim", type=int, default=64)
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS[:3]))
 
 
@@ -59,36 +66,44 @@ def inputs(workload: str, B: int, T: int, H: int, dk: int, dv: int) -> list[torc
 
 
 def timed(workload: str, backend: str, xs: list[torch.Tensor], chunk_size: int, backward: bool) -> float:
-    op = OPS[workload]
+    """Seconds of one call of the workload's op on `backend` ("attention": the attention op on xs)."""
+    op, options = OPS[workload], dict(chunk_size=chunk_size, backend=backend)
+    if backend == "attention":
+        op, options = attention, dict(backend="sdpa")
     start = time.perf_counter()
     if backward:
         leaves = [x.detach().requires_grad_(True) for x in xs]
-        op(*leaves, chunk_size=chunk_size, backend=backend).sum().backward()
+        op(*leaves, **options).sum().backward()
     else:
         with torch.no_grad():
-            op(*xs, chunk_size=chunk_size, backend=backend)
+            op(*xs, **options)
     return time.perf_counter() - start
 
 
 def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"reference vs chunked: float32, B={args.batch}, H={args.heads}, dk={args.dk}, dv={args.dv}, "
-          f"chunk_size={args.chunk_size}, {args.threads} threads, best of {args.repeats}; ratio = reference / chunked")
-    print("| workload | T | forward ref ms | forward chunked ms | ratio | fwd+bwd ref ms | fwd+bwd chunked ms | ratio |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"reference vs chunked vs attention: float32, B={args.batch}, H={args.heads}, dk={args.dk}, dv={args.dv}, "
+          f"chunk_size={args.chunk_size}, attention head dim {args.attention_head_dim}, {args.threads} threads, "
+          f"best of {args.repeats}; ratios: reference / chunked, attention / chunked")
+    print("| workload | T | forward ref ms | forward chunked ms | ref / chunked | forward attention ms | attention / chunked "
+          "| fwd+bwd ref ms | fwd+bwd chunked ms | ref / chunked | fwd+bwd attention ms | attention / chunked |")
+    print("|---|---:|" + "---:|" * 10)
     for workload in args.workloads:
         for T in args.T:
-            xs = inputs(workload, args.batch, T, args.heads, args.dk, args.dv)
-            backends = ["chunked"] + (["reference"] if T <= args.max_reference_T else [])
+            xs = {"chunked": inputs(workload, args.batch, T, args.heads, args.dk, args.dv),
+                  "attention": [torch.randn(args.batch, T, args.heads, args.attention_head_dim) for _ in range(3)]}
+            xs["reference"] = xs["chunked"]
+            backends = ["chunked", "attention"] + (["reference"] if T <= args.max_reference_T else [])
             best = {(b, bw): float("inf") for b in backends for bw in (False, True)}
             for _ in range(args.repeats):
                 for backward in (False, True):
                     for b in backends:
-                        best[b, backward] = min(best[b, backward], timed(workload, b, xs, args.chunk_size, backward))
+                        best[b, backward] = min(best[b, backward],
+                                                timed(workload, b, xs[b], args.chunk_size, backward))
             cells = []
             for backward in (False, True):
-                ref, chunked = best.get(("reference", backward)), best["chunked", backward]
+                ref, chunked, attn = best.get(("reference", backward)), best["chunked", backward], best["attention", backward]
                 cells += [f"{ref * 1e3:.1f}" if ref else "-", f"{chunked * 1e3:.1f}",
-                          f"{ref / chunked:.1f}x" if ref else "-"]
+                          f"{ref / chunked:.1f}x" if ref else "-", f"{attn * 1e3:.1f}", f"{attn / chunked:.2f}x"]
             print(f"| {workload} | {T} | " + " | ".join(cells) + " |", flush=True)
