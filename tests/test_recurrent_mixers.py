@@ -53,6 +53,16 @@ def heads(x, d):
 
 
 @pytest.mark.parametrize("cls", [GatedDeltaNet, DeltaNet])
+def test_gated_deltanet_default_widths_are_the_papers_allocation(cls):
+    """Defaults: keys 0.75 dim and values 1.5 dim over the heads, so q_proj, k_proj hold 0.75 dim^2
+    parameters each and v_proj, g_proj, o_proj 1.5 dim^2 each (about 6 dim^2, as Mamba-2)."""
+    layer = cls(256, num_heads=4)
+    assert (layer.head_k_dim, layer.head_v_dim) == (48, 96)
+    sizes = {name: getattr(layer, name).weight.numel() / 256**2 for name in ("q_proj", "k_proj", "v_proj", "g_proj", "o_proj")}
+    assert sizes == {"q_proj": 0.75, "k_proj": 0.75, "v_proj": 1.5, "g_proj": 1.5, "o_proj": 1.5}
+
+
+@pytest.mark.parametrize("cls", [GatedDeltaNet, DeltaNet])
 def test_gated_deltanet_forms_the_papers_inputs(cls):
     torch.manual_seed(0)
     x = torch.randn(2, 7, D, dtype=torch.float64)
@@ -70,7 +80,7 @@ def test_gated_deltanet_forms_the_papers_inputs(cls):
         torch.testing.assert_close(g, -layer.A_log.exp() * F.softplus(layer.a_proj(x) + layer.dt_bias), **TOL)
     else:
         assert g is None and not hasattr(layer, "a_proj") and not hasattr(layer, "A_log")
-    assert kwargs["chunk_size"] == 64 and "scale" not in kwargs  # default scale dk^-1/2
+    assert kwargs["chunk_size"] == 32 and "scale" not in kwargs  # default scale dk^-1/2
     o = delta_rule_reference(q, k, v, beta, g)
     gate = heads(layer.g_proj(x), 12)
     expected = layer.o_proj((o * torch.rsqrt(o.square().mean(-1, keepdim=True) + 1e-5) * layer.o_norm.weight
