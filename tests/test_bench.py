@@ -141,21 +141,22 @@ def test_layer_models_option_rejects_unknown_names():
 
 
 def test_recurrence_compares_chunked_with_reference_and_attention(keep_threads, capsys):
-    """One row per (workload, T) with both ratios, each the quotient of the times printed beside it;
-    above --max-reference-T the reference cells are empty."""
+    """One row per (workload, T, chunk size) with both ratios, each the quotient of the times printed
+    beside it; above --max-reference-T the reference cells are empty."""
     from zoo.bench import recurrence
 
     recurrence.run(_args(recurrence, "--T 16 32 --max-reference-T 16 --repeats 1 --batch 1 --heads 2 --dk 4 --dv 8 "
-                                     "--attention-head-dim 8 --chunk-size 8"))
+                                     "--attention-head-dim 8 --chunk-size 4 8"))
     rows = [line.strip("|").split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     body = [[c.strip() for c in r] for r in rows[1:]]
-    assert len(body) == 6 and all(len(r) == 12 for r in body)
+    assert len(body) == 12 and all(len(r) == 13 for r in body)
+    assert [r[2] for r in body] == ["4", "8"] * 6
     def quotient(ratio: str, num: str, den: str) -> bool:  # printed to 0.1 ms and 0.01x (0.1x for ref / chunked)
         q, n, d = float(ratio.rstrip("x")), float(num), float(den)
         return abs(q - n / d) <= n / d * (0.05 / n + 0.05 / d) + 0.05
 
     for r in body:
-        for first in (2, 7):  # forward, then forward + backward: ref, chunked, ref / chunked, attention, attention / chunked
+        for first in (3, 8):  # forward, then forward + backward: ref, chunked, ref / chunked, attention, attention / chunked
             ref, chunked, ratio, attn, attn_ratio = r[first:first + 5]
             assert quotient(attn_ratio, attn, chunked), r
             if r[1] == "16":

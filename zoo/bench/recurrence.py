@@ -17,7 +17,7 @@ rotation; their ratio is attention / chunked (above 1: the recurrence is faster)
 
     python tools/bench.py recurrence
     python tools/bench.py recurrence --T 256 1024 4096 --max-reference-T 1024
-    python tools/bench.py recurrence --workloads gated-delta --dk 64 --dv 128 --T 512 2048 8192
+    python tools/bench.py recurrence --workloads gated-delta --dk 48 --dv 96 --T 2048 --chunk-size 16 32 64
     python tools/bench.py recurrence --workloads ssd --T 1024 --batch 2 --heads 8 --dk 64 --dv 64
 """
 
@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--dk", type=int, default=32)
     parser.add_argument("--dv", type=int, default=64)
-    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--chunk-size", type=int, nargs="+", default=[64],
+                        help="chunk sizes of the chunked backend (one row each, timed in the same rotation)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-reference-T", type=int, default=1024)
@@ -84,26 +85,30 @@ def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"reference vs chunked vs attention: float32, B={args.batch}, H={args.heads}, dk={args.dk}, dv={args.dv}, "
-          f"chunk_size={args.chunk_size}, attention head dim {args.attention_head_dim}, {args.threads} threads, "
-          f"best of {args.repeats}; ratios: reference / chunked, attention / chunked")
-    print("| workload | T | forward ref ms | forward chunked ms | ref / chunked | forward attention ms | attention / chunked "
-          "| fwd+bwd ref ms | fwd+bwd chunked ms | ref / chunked | fwd+bwd attention ms | attention / chunked |")
-    print("|---|---:|" + "---:|" * 10)
+          f"attention head dim {args.attention_head_dim}, {args.threads} threads, best of {args.repeats}; "
+          f"ratios: reference / chunked, attention / chunked")
+    print("| workload | T | C | forward ref ms | forward chunked ms | ref / chunked | forward attention ms "
+          "| attention / chunked | fwd+bwd ref ms | fwd+bwd chunked ms | ref / chunked | fwd+bwd attention ms "
+          "| attention / chunked |")
+    print("|---|---:|---:|" + "---:|" * 10)
     for workload in args.workloads:
         for T in args.T:
-            xs = {"chunked": inputs(workload, args.batch, T, args.heads, args.dk, args.dv),
-                  "attention": [torch.randn(args.batch, T, args.heads, args.attention_head_dim) for _ in range(3)]}
-            xs["reference"] = xs["chunked"]
-            backends = ["chunked", "attention"] + (["reference"] if T <= args.max_reference_T else [])
-            best = {(b, bw): float("inf") for b in backends for bw in (False, True)}
+            recurrence_inputs = inputs(workload, args.batch, T, args.heads, args.dk, args.dv)
+            runs = {("chunked", C): recurrence_inputs for C in args.chunk_size}  # (backend, chunk size): inputs
+            runs["attention", None] = [torch.randn(args.batch, T, args.heads, args.attention_head_dim) for _ in range(3)]
+            if T <= args.max_reference_T:
+                runs["reference", None] = recurrence_inputs
+            best = {(run, bw): float("inf") for run in runs for bw in (False, True)}
             for _ in range(args.repeats):
                 for backward in (False, True):
-                    for b in backends:
-                        best[b, backward] = min(best[b, backward],
-                                                timed(workload, b, xs[b], args.chunk_size, backward))
-            cells = []
-            for backward in (False, True):
-                ref, chunked, attn = best.get(("reference", backward)), best["chunked", backward], best["attention", backward]
-                cells += [f"{ref * 1e3:.1f}" if ref else "-", f"{chunked * 1e3:.1f}",
-                          f"{ref / chunked:.1f}x" if ref else "-", f"{attn * 1e3:.1f}", f"{attn / chunked:.2f}x"]
-            print(f"| {workload} | {T} | " + " | ".join(cells) + " |", flush=True)
+                    for (backend, C), xs in runs.items():
+                        seconds = timed(workload, backend, xs, C or args.chunk_size[0], backward)
+                        best[(backend, C), backward] = min(best[(backend, C), backward], seconds)
+            for C in args.chunk_size:
+                cells = []
+                for backward in (False, True):
+                    ref, attn = best.get((("reference", None), backward)), best[("attention", None), backward]
+                    chunked = best[("chunked", C), backward]
+                    cells += [f"{ref * 1e3:.1f}" if ref else "-", f"{chunked * 1e3:.1f}",
+                              f"{ref / chunked:.1f}x" if ref else "-", f"{attn * 1e3:.1f}", f"{attn / chunked:.2f}x"]
+                print(f"| {workload} | {T} | {C} | " + " | ".join(cells) + " |", flush=True)
