@@ -193,3 +193,10 @@ def test_keep_freed_memory_keeps_a_large_block_resident():
         if mode == "keep":
             assert "keeps freed blocks" in out
     assert freed["default"] >= 60 and freed["keep"] <= 4, freed
+
+
+def test_layer_plot_writes_a_png(tmp_path):
+    rows = [(T, n, 0.01, t * T / 512, None if n == "b" else 2**20 * T) for T in (512, 1024)
+            for n, t in (("attention", 1.0), ("a", 0.5), ("b", 2.0))]
+    layer.plot(rows, str(tmp_path / "layer.png"), "title", ["attention", "a", "b"])
+    assert (tmp_path / "layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -282,25 +282,36 @@ def run_sweep(args: argparse.Namespace) -> None:
 
 
 def plot(rows: list, path: str, title: str, order: list[str]) -> None:
+    """Training-step time, the same as a multiple of attention's, and peak memory, against T (log axes);
+    attention in black, every other model its own colour and marker."""
     plt = pyplot()
 
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for n in order:
+    fig, (ax_t, ax_r, ax_m) = plt.subplots(1, 3, figsize=(16, 5))
+    base = {r[0]: r for r in rows if r[1] == "attention"}
+    others = [n for n in order if n != "attention"]
+    colours = {n: plt.cm.tab10(i % 10) for i, n in enumerate(others)}  # beyond ten models the lines turn dashed
+    for i, n in enumerate(order):
         pts = [r for r in rows if r[1] == n]
         if not pts:
             continue
-        ax_t.plot([r[0] for r in pts], [1e3 * r[3] for r in pts], "o-", label=n)
+        style = dict(color="black", lw=2.5, marker="s") if n == "attention" else \
+            dict(color=colours[n], lw=1.5, marker="ovD^<>ph*X"[i % 10], ls="-" if others.index(n) < 10 else "--")
+        ax_t.plot([r[0] for r in pts], [1e3 * r[3] for r in pts], label=n, **style)
+        ax_r.plot([r[0] for r in pts if r[0] in base], [r[3] / base[r[0]][3] for r in pts if r[0] in base], label=n,
+                  **style)
         mem = [r for r in pts if r[4] is not None]
         if mem:
-            ax_m.plot([r[0] for r in mem], [r[4] / 2**20 for r in mem], "o-", label=n)
+            ax_m.plot([r[0] for r in mem], [r[4] / 2**20 for r in mem], label=n, **style)
     Ts = sorted({r[0] for r in rows})
-    for ax, label in ((ax_t, "forward + backward (ms)"), (ax_m, "peak memory of a training step (MiB)")):
+    for ax, label in ((ax_t, "training step: forward + backward (ms)"), (ax_r, "training step / attention's"),
+                      (ax_m, "peak memory of a training step (MiB)")):
         ax.set(xscale="log", yscale="log", xlabel="T", ylabel=label)
         ax.set_xticks(Ts, [str(t) for t in Ts])
         ax.minorticks_off()
         ax.grid(True, which="both", alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
+    ax_r.axhline(1.0, color="black", lw=1, ls="--")
+    ax_r.set_yticks([0.1, 0.2, 0.5, 1, 2, 5], ["0.1", "0.2", "0.5", "1", "2", "5"])
+    ax_t.legend(fontsize=8)
     fig.suptitle(title)
     print(f"wrote {save_figure(fig, path)}")
 
