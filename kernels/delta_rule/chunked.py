@@ -38,8 +38,8 @@ from kernels.precision import without_autocast
 
 # Chunks are processed in groups whose (c, c + dk + dv) float temporaries stay under GROUP_BYTES:
 # glibc's malloc serves blocks of 32 MiB and more with fresh mmap()s, so every larger temporary
-# is page-faulted and zeroed anew on each call, which made a training step at T = 4096 1.4x slower
-# than at half the size (measured in docs/delta_rule.md).
+# is page-faulted and zeroed anew on each call, which made a training step at T = 4096 cost well
+# over twice the step at T = 2048 with all chunks in one group (docs/delta_rule.md).
 GROUP_BYTES = 16 * 2**20
 AUTO_MIN_T = 16  # shorter inputs go to `reference` under automatic selection (measured: docs/delta_rule.md)
 

@@ -41,9 +41,8 @@ def keep_freed_memory() -> str:
 
     By default glibc serves every block of 32 MiB or more with a fresh mmap() and unmaps it when it
     is freed, so each such tensor is page-faulted and zeroed by the kernel again on every step. On CPU
-    that makes a layer's time jump wherever one of its tensors crosses 32 MiB (a normalisation of
-    (4, 4096, 512) float32: 10x slower than at half the length), which times the allocator, not the
-    layer. Raising the mmap and trim thresholds (as MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_
+    that makes a layer's time jump wherever one of its tensors crosses 32 MiB, which times the
+    allocator, not the layer (README, Benchmarks). Raising the mmap and trim thresholds (as MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_
     do from the environment, or a caching malloc such as jemalloc does) keeps freed blocks for reuse.
     """
     libc = ctypes.util.find_library("c")
