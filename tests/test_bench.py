@@ -1,11 +1,15 @@
 """`tools/bench.py layer` and `decode` cover every registered mixer (a user's too) and their tables
 are consistent with what they measured: ratios are to attention in the same run, tokens/s follow
 from the step times, the decoding-state column is each mixer's state, peak memory is at least the
-block's output. Nothing here judges speed (that is measured, not tested)."""
+block's output; `recurrence`'s ratios are the quotients of its printed times; the benchmarks'
+allocator setting keeps a freed large block resident. Nothing here judges speed (that is measured,
+not tested)."""
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -151,6 +155,7 @@ def test_recurrence_compares_chunked_with_reference_and_attention(keep_threads, 
     body = [[c.strip() for c in r] for r in rows[1:]]
     assert len(body) == 12 and all(len(r) == 13 for r in body)
     assert [r[2] for r in body] == ["4", "8"] * 6
+
     def quotient(ratio: str, num: str, den: str) -> bool:  # printed to 0.1 ms and 0.01x (0.1x for ref / chunked)
         q, n, d = float(ratio.rstrip("x")), float(num), float(den)
         return abs(q - n / d) <= n / d * (0.05 / n + 0.05 / d) + 0.05
@@ -179,13 +184,10 @@ print("freed MiB", before - rss())
 """
 
 
-@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc and /proc are Linux's")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and /proc are Linux's")
 def test_keep_freed_memory_keeps_a_large_block_resident():
     """With the default glibc malloc a freed 64 MiB tensor is unmapped at once (its pages must be
     faulted in again next time); after keep_freed_memory() it stays for reuse."""
-    import subprocess
-    import sys
-
     freed = {}
     for mode in ("default", "keep"):
         out = subprocess.run([sys.executable, "-c", KEEP_PROBE, mode], capture_output=True, text=True, check=True).stdout
